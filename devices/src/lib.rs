@@ -1,0 +1,2 @@
+pub mod interrupt;
+pub mod pci;
