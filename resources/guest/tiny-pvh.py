@@ -61,7 +61,7 @@ def elf(body: bytes) -> bytes:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("output")
-    p.add_argument("--exit-value", type=int, default=0x2A)
+    p.add_argument("--exit-value", type=lambda v: int(v, 0), default=0x2A)
     p.add_argument("--serial", default="", help="text to print on ttyS0 first (\\n is a newline)")
     p.add_argument("--triple-fault", action="store_true")
     p.add_argument("--reset", action="store_true", help="pulse the i8042 reset line instead")

@@ -10,7 +10,9 @@ use tapir_net::mac::MacAddr;
 
 use crate::nic_config::NicConfig;
 
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// `pci=noearly` skips the early PCI scans (the AMD GART aperture search reads config
+/// space of all 65536 bus/device/function triples, a VM exit each).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=noearly";
 pub const MIN_MEMORY_MIB: u64 = 16;
 /// The guest RAM must fit below the MMIO hole plus what we map above 4 GiB; 64 GiB is a
 /// generous cap that still catches unit mistakes (bytes given as MiB).
@@ -61,6 +63,9 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// Appended to `cmdline` (or to the default), for per-run additions by scripts.
+    #[serde(default)]
+    pub cmdline_append: Option<String>,
     /// Connect the 16550 UART at 0x3f8 to stdin/stdout.
     #[serde(default = "default_true")]
     pub serial: bool,
@@ -80,6 +85,7 @@ impl Default for VmConfig {
             kernel: None,
             initrd: None,
             cmdline: None,
+            cmdline_append: None,
             serial: true,
             debug_exit: false,
             nics: Vec::new(),
@@ -111,7 +117,11 @@ impl VmConfig {
     }
 
     pub fn effective_cmdline(&self) -> String {
-        self.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string())
+        let base = self.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        match self.cmdline_append.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
+            Some(extra) => format!("{base} {extra}"),
+            None => base,
+        }
     }
 
     /// Checks everything that can be checked without touching KVM or the network.

@@ -51,11 +51,61 @@ const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
+/// XSAVE feature bit of protection keys (PKRU) and the legacy area plus header size.
+const XFEATURE_PKRU: u32 = 9;
+const XSAVE_LEGACY_AND_HEADER: u32 = 576;
+
 /// Adjusts the host-supported CPUID for vCPU `index` of `count`.
+///
+/// Protection keys are hidden: nested KVM reports PKRU in leaf 0xD with a size the guest
+/// kernel's own layout disagrees with ("XSAVE consistency problem"), and guests gain
+/// little from it.
 pub fn cpuid_for(base: &CpuId, index: u8, count: u8) -> CpuId {
     let mut cpuid = base.clone();
+    let leaf = |function: u32, index: u32| {
+        base.as_slice().iter().find(|e| e.function == function && e.index == index).copied()
+    };
+    let has_avx = leaf(1, 0).is_some_and(|e| e.ecx & (1 << 28) != 0);
+    let has_avx512 = leaf(7, 0).is_some_and(|e| e.ebx & (1 << 16) != 0);
+    // XSAVE components whose CPUID feature is absent would make the guest's size
+    // calculation disagree with leaf 0xD's.
+    let mut unusable = 1u32 << XFEATURE_PKRU;
+    if !has_avx {
+        unusable |= 1 << 2;
+    }
+    if !has_avx512 {
+        unusable |= 0b111 << 5;
+    }
+    let mut xsave_components = 0u32;
+    let mut xsave_extents: Vec<(u32, u32)> = Vec::new();
+    for entry in cpuid.as_slice() {
+        if entry.function == 0xd {
+            if entry.index == 0 {
+                xsave_components = entry.eax & !unusable;
+            } else if entry.index >= 2 && entry.index < 32 {
+                xsave_extents.push((entry.index, entry.ebx.saturating_add(entry.eax)));
+            }
+        }
+    }
+    let xsave_max = xsave_extents
+        .iter()
+        .filter(|(component, _)| xsave_components & (1 << component) != 0)
+        .map(|(_, end)| *end)
+        .fold(XSAVE_LEGACY_AND_HEADER, u32::max);
     for entry in cpuid.as_mut_slice() {
         match entry.function {
+            7 if entry.index == 0 => {
+                // PKU and OSPKE.
+                entry.ecx &= !((1 << 3) | (1 << 4));
+            }
+            0xd if entry.index == 0 => {
+                entry.eax = xsave_components;
+                entry.ecx = xsave_max;
+            }
+            0xd if entry.index >= 2 && entry.index < 32 && unusable & (1 << entry.index) != 0 => {
+                entry.eax = 0;
+                entry.ebx = 0;
+            }
             1 => {
                 // Initial APIC id, logical processor count, HTT when there is more than one.
                 entry.ebx = (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);

@@ -9,12 +9,14 @@ use crate::legacy::{
     SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use crate::pci_root::{PciRoot, CONFIG_ADDRESS_PORT};
+use crate::rtc::{Rtc, RTC_DATA_PORT, RTC_INDEX_PORT};
 
 pub struct IoBus {
     pub serial: Option<Arc<SerialConsole>>,
     pub i8042: I8042,
     pub debug_exit: Option<DebugExit>,
     pub pci: Arc<PciRoot>,
+    rtc: Rtc,
     unclaimed_seen: Mutex<HashSet<(bool, u64)>>,
 }
 
@@ -24,7 +26,7 @@ fn in_range(port: u16, base: u16, len: u16) -> bool {
 
 impl IoBus {
     pub fn new(serial: Option<Arc<SerialConsole>>, i8042: I8042, debug_exit: Option<DebugExit>, pci: Arc<PciRoot>) -> Self {
-        IoBus { serial, i8042, debug_exit, pci, unclaimed_seen: Mutex::new(HashSet::new()) }
+        IoBus { serial, i8042, debug_exit, pci, rtc: Rtc::new(), unclaimed_seen: Mutex::new(HashSet::new()) }
     }
 
     fn note_unclaimed(&self, mmio: bool, addr: u64, write: bool) {
@@ -49,6 +51,12 @@ impl IoBus {
                 *first = self.i8042.read(port);
             }
             return;
+        } else if port == RTC_INDEX_PORT || port == RTC_DATA_PORT {
+            data.fill(0);
+            if let Some(first) = data.first_mut() {
+                *first = self.rtc.read(port);
+            }
+            return;
         } else if in_range(port, CONFIG_ADDRESS_PORT, 8) {
             self.pci.pio_read(port, data);
             return;
@@ -68,6 +76,11 @@ impl IoBus {
         } else if port == I8042_DATA_PORT || port == I8042_COMMAND_PORT {
             if let Some(first) = data.first() {
                 self.i8042.write(port, *first);
+            }
+            return;
+        } else if port == RTC_INDEX_PORT || port == RTC_DATA_PORT {
+            if let Some(first) = data.first() {
+                self.rtc.write(port, *first);
             }
             return;
         } else if in_range(port, DEBUG_EXIT_PORT, DEBUG_EXIT_LEN) {

@@ -117,8 +117,13 @@ pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Just enough of an i8042 for Linux's reboot path (`reboot=k`): the status register
-/// reads "input buffer empty" and command 0xFE pulses the CPU reset line.
+/// Just enough of an i8042 for Linux's reboot path (`reboot=k`), and no more.
+///
+/// The status register always reads "output buffer full, input buffer empty". Linux's
+/// i8042 driver drains the output buffer before probing, gives up after 16 reads and
+/// reports "No controller found" at once, instead of waiting out command timeouts (half
+/// a second or more of boot time). The reboot path only waits for "input buffer empty",
+/// then sends 0xFE, which pulses the CPU reset line.
 pub struct I8042 {
     exit: Sender<ExitRequest>,
 }
@@ -130,8 +135,14 @@ impl I8042 {
         I8042 { exit }
     }
 
-    pub fn read(&self, _port: u16) -> u8 {
-        0
+    const STATUS_OUTPUT_FULL: u8 = 0x01;
+
+    pub fn read(&self, port: u16) -> u8 {
+        if port == I8042_COMMAND_PORT {
+            Self::STATUS_OUTPUT_FULL
+        } else {
+            0
+        }
     }
 
     pub fn write(&self, port: u16, value: u8) {

@@ -17,6 +17,7 @@ mod mptable;
 mod nic_config;
 mod nics;
 mod pci_root;
+mod rtc;
 mod terminal;
 mod vcpu;
 mod vm;
@@ -48,6 +49,9 @@ struct Cli {
     /// Kernel command line (replaces the config's).
     #[arg(long)]
     cmdline: Option<String>,
+    /// Appended to the kernel command line (the config's or the default one).
+    #[arg(long)]
+    append: Option<String>,
     /// Guest memory in MiB.
     #[arg(long)]
     memory: Option<u64>,
@@ -77,6 +81,12 @@ fn load_config(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
     }
     if let Some(c) = &cli.cmdline {
         cfg.cmdline = Some(c.clone());
+    }
+    if let Some(a) = &cli.append {
+        cfg.cmdline_append = Some(match cfg.cmdline_append.take() {
+            Some(existing) => format!("{existing} {a}"),
+            None => a.clone(),
+        });
     }
     if let Some(m) = cli.memory {
         cfg.memory_mib = m;
