@@ -220,10 +220,8 @@ impl CommonConfig {
                     }
                 }
             }
-            QUEUE_MSIX_VECTOR => {
-                if usize::from(self.queue_select) < self.queues.len() {
-                    irq.set_queue_vector(usize::from(self.queue_select), value as u16);
-                }
+            QUEUE_MSIX_VECTOR if usize::from(self.queue_select) < self.queues.len() => {
+                irq.set_queue_vector(usize::from(self.queue_select), value as u16);
             }
             QUEUE_ENABLE => {
                 if let Some(q) = self.selected_queue_mut() {

@@ -229,6 +229,8 @@ fn notify_writes_and_doorbells_reach_the_device() {
     assert_eq!(bells.len(), 2);
     assert_eq!((bells[1].bar, bells[1].offset, bells[1].len), (0, layout::NOTIFY_OFFSET + 4, 2));
     bring_up(&mut d, None);
+    d.common_write(reg::QUEUE_SELECT, 2, 1);
+    assert_eq!(d.common_read(reg::QUEUE_NOTIFY_OFF, 2) * u64::from(layout::NOTIFY_OFF_MULTIPLIER), 4);
     d.kick(1);
     d.kick(1);
     {

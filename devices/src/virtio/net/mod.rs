@@ -147,6 +147,13 @@ impl VirtioNet {
     }
 }
 
+impl Drop for VirtioNet {
+    /// A VMM that forgets `shutdown` must not leave the device thread running.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 impl VirtioDevice for VirtioNet {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -297,8 +304,13 @@ impl VirtioNet {
             ctrl: ctrl_slot,
         });
         let worker = Worker::new(datapath, kicks, worker_stop)
-            .map_err(|(datapath, e)| (Some(datapath.into_backend()), ActivateError::Io(e)))?;
-        let thread_name = format!("vnet-{}", MacAddr(self.config.mac()).to_string().replace(':', ""));
+            .map_err(|failed| {
+                let (datapath, e) = *failed;
+                (Some(datapath.into_backend()), ActivateError::Io(e))
+            })?;
+        // Thread names are cut at 15 bytes; the MAC's last three octets tell NICs apart.
+        let mac = self.config.mac();
+        let thread_name = format!("vnet-{:02x}{:02x}{:02x}", mac[3], mac[4], mac[5]);
         let thread = worker.spawn(thread_name).map_err(|e| (None, ActivateError::Io(e)))?;
         Ok((thread, stop))
     }

@@ -43,13 +43,13 @@ pub(super) struct Worker {
 
 impl Worker {
     /// Sets up the epoll set. Nothing runs yet; on failure the data path comes back.
-    pub fn new(datapath: DataPath, kicks: Kicks, stop: EventFd) -> Result<Worker, (DataPath, io::Error)> {
+    pub fn new(datapath: DataPath, kicks: Kicks, stop: EventFd) -> Result<Worker, Box<(DataPath, io::Error)>> {
         let backend_fd = datapath.backend.poll_fd();
         match Self::event_set(&kicks, &stop, backend_fd) {
             Ok(epoll) => {
                 Ok(Worker { datapath, epoll, kicks, _stop: stop, backend_fd, backend_registered: true, epoll_errors: 0 })
             }
-            Err(e) => Err((datapath, e)),
+            Err(e) => Err(Box::new((datapath, e))),
         }
     }
 
