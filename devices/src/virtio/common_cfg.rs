@@ -8,6 +8,7 @@
 
 use log::warn;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
 
 use super::irq::InterruptState;
 use super::status;
@@ -231,19 +232,21 @@ impl CommonConfig {
                     }
                 }
             }
-            QUEUE_DESC => {
-                if let Some(q) = self.selected_queue_mut() {
-                    q.set_desc_table_address(Some(value as u32), Some((value >> 32) as u32));
-                }
-            }
-            QUEUE_DRIVER => {
-                if let Some(q) = self.selected_queue_mut() {
-                    q.set_avail_ring_address(Some(value as u32), Some((value >> 32) as u32));
-                }
-            }
-            QUEUE_DEVICE => {
-                if let Some(q) = self.selected_queue_mut() {
-                    q.set_used_ring_address(Some(value as u32), Some((value >> 32) as u32));
+            QUEUE_DESC | QUEUE_DRIVER | QUEUE_DEVICE => {
+                let address = GuestAddress(value);
+                let refused = self.selected_queue_mut().is_some_and(|q| {
+                    match field {
+                        QUEUE_DESC => q.try_set_desc_table_address(address),
+                        QUEUE_DRIVER => q.try_set_avail_ring_address(address),
+                        _ => q.try_set_used_ring_address(address),
+                    }
+                    .is_err()
+                });
+                if refused {
+                    self.ignored_writes += 1;
+                    if super::log_sparingly(self.ignored_writes) {
+                        warn!("virtio-pci: driver gave a misaligned ring address {value:#x}");
+                    }
                 }
             }
             // Read-only: device_feature, num_queues, config_generation, queue_notify_off.
@@ -334,6 +337,11 @@ mod tests {
         cc.write(QUEUE_DESC + 4, &0x2u32.to_le_bytes(), &irq);
         assert_eq!(read(&cc, &irq, QUEUE_DESC, 8), 0x2_0000_1000);
         cc.write(QUEUE_DEVICE, &0x3000u64.to_le_bytes(), &irq);
+        assert_eq!(read(&cc, &irq, QUEUE_DEVICE, 8), 0x3000);
+        // Misaligned rings are refused: the descriptor table needs 16, the used ring 4.
+        cc.write(QUEUE_DESC, &0x2_0000_1008u64.to_le_bytes(), &irq);
+        cc.write(QUEUE_DEVICE, &0x3002u64.to_le_bytes(), &irq);
+        assert_eq!(read(&cc, &irq, QUEUE_DESC, 8), 0x2_0000_1000);
         assert_eq!(read(&cc, &irq, QUEUE_DEVICE, 8), 0x3000);
         cc.write(QUEUE_ENABLE, &1u16.to_le_bytes(), &irq);
         assert_eq!(read(&cc, &irq, QUEUE_ENABLE, 2), 1);

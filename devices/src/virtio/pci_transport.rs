@@ -202,7 +202,9 @@ impl VirtioPciDevice {
             let index = index as u16;
             let mut queue = Queue::try_from(queue.state()).map_err(|_| ActivateError::QueueInvalid(index))?;
             queue.set_event_idx(event_idx);
-            if queue.ready() && !queue.is_valid(&self.mem) {
+            // virtio-queue treats an available ring at address 0 as "not set up" and
+            // would refuse (and log) every access, so such a ring is refused here.
+            if queue.ready() && (!queue.is_valid(&self.mem) || queue.avail_ring() == 0) {
                 return Err(ActivateError::QueueInvalid(index));
             }
             queues.push(ActiveQueue { index, queue, kick: kick.try_clone()? });

@@ -223,6 +223,19 @@ fn bad_queue_address_sets_needs_reset() {
 }
 
 #[test]
+fn avail_ring_at_address_zero_is_refused() {
+    let (mut d, log) = fake(0);
+    assert!(d.negotiate(|f| f).1);
+    d.setup_queue(0, 16, VIRTIO_MSI_NO_VECTOR);
+    d.setup_queue(1, 8, VIRTIO_MSI_NO_VECTOR);
+    d.common_write(reg::QUEUE_SELECT, 2, 0);
+    d.common_write(reg::QUEUE_DRIVER, 8, 0);
+    d.driver_ok();
+    assert_eq!(log.lock().unwrap().activations, 0);
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
 fn notify_writes_and_doorbells_reach_the_device() {
     let (mut d, log) = fake(3);
     let bells = d.dev.doorbells();

@@ -30,6 +30,7 @@ drop_reasons! {
     TxFrameTooLarge => "tx_frame_too_large",
     TxRuntFrame => "tx_runt_frame",
     TxOffloadNotNegotiated => "tx_offload_not_negotiated",
+    TxBadOffloadHeader => "tx_bad_offload_header",
     TxGuestMemory => "tx_guest_memory",
     TxBackendBusy => "tx_backend_busy",
     TxBackendDropped => "tx_backend_dropped",

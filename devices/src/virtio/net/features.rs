@@ -113,6 +113,15 @@ pub fn hdr_within(hdr: &VnetHdr, allowed: Offloads) -> bool {
     gso_ok && (hdr.gso_type & VnetHdr::GSO_ECN == 0 || allowed.tso_ecn)
 }
 
+/// Whether a header's offsets fit its frame, so a software backend asked to finish a
+/// checksum or segment a frame is never pointed outside it.
+pub fn hdr_fits(hdr: &VnetHdr, frame_len: usize) -> bool {
+    let csum_ok = hdr.flags & VnetHdr::FLAG_NEEDS_CSUM == 0
+        || usize::from(hdr.csum_start) + usize::from(hdr.csum_offset) + 2 <= frame_len;
+    let gso_ok = hdr.gso_type & !VnetHdr::GSO_ECN == VnetHdr::GSO_NONE || hdr.gso_size > 0;
+    csum_ok && gso_ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +171,11 @@ mod tests {
         assert!(!hdr_within(&ecn_alone, ALL));
         assert!(hdr_within(&VnetHdr { flags: VnetHdr::FLAG_DATA_VALID, ..Default::default() }, Offloads::NONE));
         assert_eq!(guest_offloads(GUEST_CSUM | GUEST_TSO6), Offloads { csum: true, tso6: true, ..Offloads::NONE });
+        let csum = VnetHdr { flags: 1, csum_start: 34, csum_offset: 16, ..Default::default() };
+        assert!(hdr_fits(&csum, 52));
+        assert!(!hdr_fits(&csum, 51));
+        assert!(!hdr_fits(&VnetHdr { csum_start: u16::MAX, csum_offset: u16::MAX, ..csum }, 100));
+        assert!(!hdr_fits(&VnetHdr { gso_type: VnetHdr::GSO_TCPV4, gso_size: 0, ..csum }, 100));
         assert_eq!(host_offloads(CSUM | HOST_UFO), Offloads { csum: true, ufo: true, ..Offloads::NONE });
     }
 }

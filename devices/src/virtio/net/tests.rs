@@ -269,6 +269,13 @@ fn offloads_pass_through_when_backend_supports_them() {
     h.send(tso, &big);
     assert_eq!(h.wait_sent(1), vec![(tso, big.clone())]);
 
+    // Offsets pointing past the frame never reach the backend.
+    h.send(VnetHdr { csum_start: 60, csum_offset: 6, ..tso }, &frame(64, 1));
+    h.send(VnetHdr { gso_size: 0, ..tso }, &big);
+    h.d.wait_used(TX, 3);
+    assert_eq!(h.drops(DropReason::TxBadOffloadHeader), 2);
+    assert!(h.backend.take_sent().is_empty());
+
     let rx_hdr = VnetHdr { gso_type: VnetHdr::GSO_TCPV6 | VnetHdr::GSO_ECN, ..tso };
     h.post_rx(16, 4096);
     h.backend.inject(rx_hdr, &big);

@@ -104,6 +104,9 @@ impl DataPath {
         if !features::hdr_within(&hdr, self.tx.offloads) {
             return Err((DropReason::TxOffloadNotNegotiated, format!("header {hdr:?}")));
         }
+        if !features::hdr_fits(&hdr, frame.len()) {
+            return Err((DropReason::TxBadOffloadHeader, format!("header {hdr:?} for a {}-byte frame", frame.len())));
+        }
         // DATA_VALID means nothing on transmit and num_buffers only exists on receive.
         hdr.flags &= VnetHdr::FLAG_NEEDS_CSUM;
         hdr.num_buffers = 0;
