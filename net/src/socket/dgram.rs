@@ -39,7 +39,8 @@ pub struct DgramConfig {
     /// Multicast TTL (default 1: the local network only).
     #[serde(default)]
     pub ttl: Option<u32>,
-    /// Multicast loopback (default true: other VMs on this host hear us).
+    /// Multicast loopback (default true: other VMs on this host hear us). Over `lo`
+    /// itself every datagram loops back whatever this says.
     #[serde(default)]
     pub loopback: Option<bool>,
     /// Multicast: IPv4 address of the interface to use (default: chosen by routing).
