@@ -302,7 +302,9 @@ mod tests {
         let path = dir.join(file_name(m));
         std::fs::write(&path, "vm=other-vm\npid=4242\n").unwrap();
         // util-linux flock(1) holds the lock the way another tapir would.
+        // --no-fork: the lock holder is the process we kill, not an orphaned child.
         let mut holder = match Command::new("flock")
+            .arg("--no-fork")
             .arg(&path)
             .args(["sleep", "30"])
             .stdout(Stdio::null())

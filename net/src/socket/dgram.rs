@@ -248,7 +248,7 @@ impl DgramBackend {
     }
 
     /// Whether a datagram from `source` is one of ours that multicast loopback returned.
-    fn from_own_socket(&self, source: Option<SocketAddr>) -> bool {
+    fn sent_by_own_socket(&self, source: Option<SocketAddr>) -> bool {
         let Mode::Multicast { own_source, .. } = &self.mode else {
             return false;
         };
@@ -354,7 +354,7 @@ impl Backend for DgramBackend {
             }
             let source_mac = frame.get(6..12).and_then(|b| <[u8; 6]>::try_from(b).ok());
             if source_mac == Some(self.mac.0) {
-                if self.from_own_socket(source) {
+                if self.sent_by_own_socket(source) {
                     self.own_frames_ignored += 1;
                 } else {
                     self.count_drop(DropKind::RxMacConflict);

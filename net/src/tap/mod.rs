@@ -77,7 +77,7 @@ pub enum TapError {
     #[error(
         "tap \"ifname\": {ifname:?} does not exist and creating a tap needs CAP_NET_ADMIN. \
          Pre-create it once as root and give it to your user: \
-         `ip tuntap add dev {ifname} mode tap user $USER vnet_hdr multi_queue && ip link set {ifname} up`{bridge_hint}"
+         `ip tuntap add dev {ifname} mode tap user $USER vnet_hdr multi_queue && ip link set {ifname} up{bridge_hint}`"
     )]
     NeedsCapNetAdmin { ifname: String, bridge_hint: String },
     #[error(
@@ -102,12 +102,12 @@ pub enum TapError {
 }
 
 /// The MAC tapir gives the host side of a tap it creates: the guest's MAC with its first
-/// octet replaced by 0xfe. It differs from the guest's own MAC (which the host must not
+/// octet replaced by 0xfe (0xfa if it already was 0xfe). It differs from the guest's own MAC (which the host must not
 /// claim), and being numerically high it never becomes a bridge's address (a bridge
 /// takes the lowest MAC among its ports).
 pub fn host_side_mac(guest: MacAddr) -> MacAddr {
     let mut octets = guest.0;
-    octets[0] = if octets[0] == 0xfe { 0xfc } else { 0xfe };
+    octets[0] = if octets[0] == 0xfe { 0xfa } else { 0xfe };
     MacAddr(octets)
 }
 
@@ -531,8 +531,12 @@ fn attach_to_bridge(control: &sys::ControlSocket, ifname: &str, bridge: &str) ->
         return Err(invalid("bridge", bridge, "does not exist (create it with `ip link add NAME type bridge`)"));
     };
     if let Ok(info) = netlink::query_link(bridge_index) {
-        if let Some(kind) = info.kind.as_deref().filter(|k| *k != "bridge") {
-            return Err(invalid("bridge", bridge, format!("is not a bridge (it is a {kind} interface)")));
+        match info.kind.as_deref() {
+            Some("bridge") => {}
+            Some(kind) => {
+                return Err(invalid("bridge", bridge, format!("is not a bridge (it is a {kind} interface)")))
+            }
+            None => return Err(invalid("bridge", bridge, "is not a bridge")),
         }
     }
     let tap_index = control
@@ -549,6 +553,7 @@ fn attach_to_bridge(control: &sys::ControlSocket, ifname: &str, bridge: &str) ->
         }
     }
     control.bridge_add(bridge, tap_index).map_err(|e| match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => invalid("bridge", bridge, format!("is not a bridge ({e})")),
         Some(libc::EPERM) | Some(libc::EACCES) => fail(format!(
             "needs CAP_NET_ADMIN; attach it beforehand with `ip link set {ifname} master {bridge}` \
              and drop \"bridge\" from the config"

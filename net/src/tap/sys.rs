@@ -10,7 +10,8 @@ use libc::{c_int, c_short, c_uint, c_ulong};
 use crate::mac::MacAddr;
 
 // The tun ioctls, spelled as in <linux/if_tun.h>. Value arguments travel as c_ulong.
-nix::ioctl_write_ptr_bad!(
+// The kernel writes the chosen name back, so the argument is read-write.
+nix::ioctl_readwrite_bad!(
     tun_set_iff,
     nix::request_code_write!(b'T', 202, std::mem::size_of::<c_int>()),
     libc::ifreq
