@@ -47,7 +47,8 @@ pub struct MacRegistry {
 /// A MAC held for one VM. Dropping it releases the lock and removes the file.
 #[derive(Debug)]
 pub struct MacClaim {
-    file: File,
+    /// Held open only for its flock, which lives as long as this open file description.
+    _lock: File,
     path: PathBuf,
     mac: MacAddr,
     identity: (u64, u64),
@@ -194,7 +195,7 @@ impl MacRegistry {
             file.set_len(0).map_err(io_err)?;
             file.seek(SeekFrom::Start(0)).map_err(io_err)?;
             file.write_all(record.as_bytes()).map_err(io_err)?;
-            return Ok(MacClaim { file, path, mac, identity });
+            return Ok(MacClaim { _lock: file, path, mac, identity });
         }
         Err(io_err(io::Error::other("the claim file kept being replaced; giving up")))
     }
@@ -218,7 +219,7 @@ impl Drop for MacClaim {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
-        let _ = &self.file;
+        // `_lock` closes after this, releasing the lock.
     }
 }
 
@@ -330,7 +331,10 @@ mod tests {
         let registry = MacRegistry::new(&dir);
         let err = registry.claim(m, "mine").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("\"other-vm\"") && msg.contains("pid 4242") && msg.contains("\"mine\""), "{msg}");
+        assert!(
+            msg.contains("\"other-vm\"") && msg.contains("pid 4242") && msg.contains("\"mine\""),
+            "{msg}"
+        );
         holder.kill().unwrap();
         holder.wait().unwrap();
         let claim = registry.claim(m, "mine").unwrap();

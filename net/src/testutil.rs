@@ -32,7 +32,11 @@ impl NetNs {
         let n = NEXT_NETNS.fetch_add(1, Ordering::SeqCst);
         let name = format!("tapir-test-{}-{n}", std::process::id());
         let out = Command::new("ip").args(["netns", "add", &name]).output().expect("run ip");
-        assert!(out.status.success(), "ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let ns = NetNs { name };
         ns.ip(&["link", "set", "lo", "up"]);
         Some(ns)
@@ -128,7 +132,11 @@ pub fn recv_until(
 }
 
 /// Drives `backend` (recv until None) until `cond` holds or `timeout` passes.
-pub fn pump_until(backend: &mut dyn Backend, timeout: Duration, mut cond: impl FnMut(&dyn Backend) -> bool) -> bool {
+pub fn pump_until(
+    backend: &mut dyn Backend,
+    timeout: Duration,
+    mut cond: impl FnMut(&dyn Backend) -> bool,
+) -> bool {
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; MAX_FRAME_LEN];
     loop {

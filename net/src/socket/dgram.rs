@@ -2,6 +2,14 @@
 //! format), either to one unicast peer (`local` + `remote`) or to an IPv4 multicast
 //! group (`mcast`) that any number of VMs join.
 //!
+//! Config (`DgramConfig`), e.g.:
+//!
+//! ```json
+//! {"local": "127.0.0.1:7001", "remote": "127.0.0.1:7002"}
+//! {"mcast": "230.0.0.1:1234"}
+//! {"mcast": "230.0.0.1:1234", "ttl": 1, "loopback": true, "local_addr": "192.168.1.10"}
+//! ```
+//!
 //! Multicast uses two sockets: one bound to the group's port (shared with the other
 //! members through SO_REUSEADDR) to receive, and one on an ephemeral port to send. With
 //! `loopback` on (the default, and needed for VMs on the same host to hear each other)
@@ -122,7 +130,8 @@ fn resolve_one(field: &'static str, value: &str) -> Result<SocketAddr, DgramErro
 fn bound_socket(addr: SocketAddr, reuse: bool) -> io::Result<UdpSocket> {
     use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
     let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    let fd =
+        socket(family, SockType::Datagram, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
     if reuse {
         sys::set_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     }
@@ -133,16 +142,23 @@ fn bound_socket(addr: SocketAddr, reuse: bool) -> io::Result<UdpSocket> {
 impl DgramBackend {
     /// Opens the sockets. `mac` is the NIC's MAC, used to recognise its own frames.
     pub fn new(cfg: &DgramConfig, mac: MacAddr) -> Result<DgramBackend, DgramError> {
-        let (rx, mode, description) = match (&cfg.mcast, &cfg.remote) {
-            (Some(m), Some(_)) => {
-                return Err(invalid("mcast", m, "cannot be combined with \"remote\"; choose multicast or unicast"))
-            }
-            (None, None) => {
-                return Err(invalid("remote", "", "is missing: a dgram backend needs \"remote\" (with \"local\") or \"mcast\""))
-            }
-            (Some(m), None) => Self::open_multicast(cfg, m)?,
-            (None, Some(r)) => Self::open_unicast(cfg, r)?,
-        };
+        let (rx, mode, description) =
+            match (&cfg.mcast, &cfg.remote) {
+                (Some(m), Some(_)) => {
+                    return Err(invalid(
+                        "mcast",
+                        m,
+                        "cannot be combined with \"remote\"; choose multicast or unicast",
+                    ))
+                }
+                (None, None) => return Err(invalid(
+                    "remote",
+                    "",
+                    "is missing: a dgram backend needs \"remote\" (with \"local\") or \"mcast\"",
+                )),
+                (Some(m), None) => Self::open_multicast(cfg, m)?,
+                (None, Some(r)) => Self::open_unicast(cfg, r)?,
+            };
         log::info!("dgram {description} (NIC {mac}): ready");
         Ok(DgramBackend {
             rx,
@@ -159,7 +175,10 @@ impl DgramBackend {
         })
     }
 
-    fn open_unicast(cfg: &DgramConfig, remote_spec: &str) -> Result<(UdpSocket, Mode, String), DgramError> {
+    fn open_unicast(
+        cfg: &DgramConfig,
+        remote_spec: &str,
+    ) -> Result<(UdpSocket, Mode, String), DgramError> {
         for (field, set) in [
             ("ttl", cfg.ttl.is_some()),
             ("loopback", cfg.loopback.is_some()),
@@ -177,23 +196,44 @@ impl DgramBackend {
         if remote.port() == 0 {
             return Err(invalid("remote", remote_spec, "needs a port other than 0"));
         }
-        let sock = bound_socket(local, false)
-            .map_err(|source| DgramError::Socket { field: "local", value: local_spec.clone(), source })?;
+        let sock = bound_socket(local, false).map_err(|source| DgramError::Socket {
+            field: "local",
+            value: local_spec.clone(),
+            source,
+        })?;
         // A connected UDP socket receives only from `remote`: the kernel filters for us.
-        sock.connect(remote)
-            .map_err(|source| DgramError::Socket { field: "remote", value: remote_spec.to_string(), source })?;
+        sock.connect(remote).map_err(|source| DgramError::Socket {
+            field: "remote",
+            value: remote_spec.to_string(),
+            source,
+        })?;
         let bound = sock.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| local_spec.clone());
         Ok((sock, Mode::Unicast { remote }, format!("udp {bound} -> {remote}")))
     }
 
-    fn open_multicast(cfg: &DgramConfig, spec: &str) -> Result<(UdpSocket, Mode, String), DgramError> {
+    fn open_multicast(
+        cfg: &DgramConfig,
+        spec: &str,
+    ) -> Result<(UdpSocket, Mode, String), DgramError> {
         if let Some(local) = &cfg.local {
-            return Err(invalid("local", local, "only applies to unicast; use \"local_addr\" to pick the multicast interface"));
+            return Err(invalid(
+                "local",
+                local,
+                "only applies to unicast; use \"local_addr\" to pick the multicast interface",
+            ));
         }
         let group = match resolve_one("mcast", spec)? {
             SocketAddr::V4(v4) if v4.ip().is_multicast() && v4.port() != 0 => v4,
-            SocketAddr::V4(_) => return Err(invalid("mcast", spec, "must be an IPv4 multicast group (224.0.0.0/4) with a port")),
-            SocketAddr::V6(_) => return Err(invalid("mcast", spec, "must be IPv4; IPv6 multicast is not supported")),
+            SocketAddr::V4(_) => {
+                return Err(invalid(
+                    "mcast",
+                    spec,
+                    "must be an IPv4 multicast group (224.0.0.0/4) with a port",
+                ))
+            }
+            SocketAddr::V6(_) => {
+                return Err(invalid("mcast", spec, "must be IPv4; IPv6 multicast is not supported"))
+            }
         };
         let ttl = cfg.ttl.unwrap_or(1);
         if ttl > 255 {
@@ -203,13 +243,22 @@ impl DgramBackend {
             None => Ipv4Addr::UNSPECIFIED,
             Some(s) => match s.parse::<IpAddr>() {
                 Ok(IpAddr::V4(ip)) if !ip.is_multicast() => ip,
-                _ => return Err(invalid("local_addr", s, "must be the IPv4 address of a local interface")),
+                _ => {
+                    return Err(invalid(
+                        "local_addr",
+                        s,
+                        "must be the IPv4 address of a local interface",
+                    ))
+                }
             },
         };
-        let sock_err = |field: &'static str, value: String| move |source| DgramError::Socket { field, value, source };
+        let sock_err = |field: &'static str, value: String| {
+            move |source| DgramError::Socket { field, value, source }
+        };
 
         // Receive: bound to the group itself, so only this group's datagrams arrive.
-        let rx = bound_socket(SocketAddr::V4(group), true).map_err(sock_err("mcast", spec.to_string()))?;
+        let rx = bound_socket(SocketAddr::V4(group), true)
+            .map_err(sock_err("mcast", spec.to_string()))?;
         rx.join_multicast_v4(group.ip(), &interface).map_err(sock_err(
             if cfg.local_addr.is_some() { "local_addr" } else { "mcast" },
             format!("joining {} on {interface}", group.ip()),

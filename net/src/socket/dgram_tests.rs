@@ -41,7 +41,8 @@ fn config_parses_and_rejects_unknown_fields() {
     .unwrap();
     assert_eq!(cfg.mcast.as_deref(), Some("230.0.0.1:1234"));
     assert_eq!(cfg.ttl, Some(2));
-    let err = serde_json::from_str::<DgramConfig>(r#"{"mcast": "230.0.0.1:1", "tll": 2}"#).unwrap_err();
+    let err =
+        serde_json::from_str::<DgramConfig>(r#"{"mcast": "230.0.0.1:1", "tll": 2}"#).unwrap_err();
     assert!(err.to_string().contains("tll"), "{err}");
 }
 
@@ -51,13 +52,27 @@ fn invalid_configs_name_the_field() {
         (DgramConfig::default(), "\"remote\""),
         (DgramConfig { remote: Some("127.0.0.1:9".into()), ..Default::default() }, "\"local\""),
         (
-            DgramConfig { mcast: Some("230.0.0.1:9".into()), remote: Some("127.0.0.1:9".into()), ..Default::default() },
+            DgramConfig {
+                mcast: Some("230.0.0.1:9".into()),
+                remote: Some("127.0.0.1:9".into()),
+                ..Default::default()
+            },
             "\"mcast\"",
         ),
-        (DgramConfig { mcast: Some("10.0.0.1:9".into()), ..Default::default() }, "\"mcast\": \"10.0.0.1:9\""),
-        (DgramConfig { mcast: Some("230.0.0.1:9".into()), ttl: Some(300), ..Default::default() }, "\"ttl\""),
         (
-            DgramConfig { mcast: Some("230.0.0.1:9".into()), local_addr: Some("nope".into()), ..Default::default() },
+            DgramConfig { mcast: Some("10.0.0.1:9".into()), ..Default::default() },
+            "\"mcast\": \"10.0.0.1:9\"",
+        ),
+        (
+            DgramConfig { mcast: Some("230.0.0.1:9".into()), ttl: Some(300), ..Default::default() },
+            "\"ttl\"",
+        ),
+        (
+            DgramConfig {
+                mcast: Some("230.0.0.1:9".into()),
+                local_addr: Some("nope".into()),
+                ..Default::default()
+            },
             "\"local_addr\"",
         ),
         (
@@ -138,7 +153,10 @@ fn offloaded_and_oversized_frames_are_refused() {
     let mut a = DgramBackend::new(&cfg, mac(1)).unwrap();
     let tso = VnetHdr { gso_type: VnetHdr::GSO_TCPV4, ..Default::default() };
     assert!(matches!(a.send(&tso, &frame(1, 1)), Err(BackendError::Dropped(_))));
-    assert!(matches!(a.send(&VnetHdr::default(), &vec![0u8; 65508]), Err(BackendError::Dropped(_))));
+    assert!(matches!(
+        a.send(&VnetHdr::default(), &vec![0u8; 65508]),
+        Err(BackendError::Dropped(_))
+    ));
     assert_eq!(drop_count(&a, "tx_offload_unsupported"), 1);
     assert_eq!(drop_count(&a, "tx_too_large_for_udp"), 1);
 }

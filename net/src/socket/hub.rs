@@ -136,7 +136,10 @@ pub enum RxEvent {
     /// The frame did not fit the caller's buffer and was discarded.
     TooLarge(usize),
     /// The peer sent a bad length and was marked dead.
-    BadLength { peer: String, len: u32 },
+    BadLength {
+        peer: String,
+        len: u32,
+    },
 }
 
 impl Peers {

@@ -5,8 +5,8 @@
 pub mod dgram;
 mod framing;
 mod hub;
-mod sys;
 pub mod stream;
+mod sys;
 
 pub use dgram::{DgramBackend, DgramConfig, DgramError};
 pub use stream::{StreamBackend, StreamConfig, StreamError};
@@ -81,10 +81,16 @@ mod tests {
 
     #[test]
     fn parses_tcp_and_unix_addresses() {
-        assert_eq!(StreamAddr::parse("127.0.0.1:5000"), Ok(StreamAddr::Tcp("127.0.0.1:5000".into())));
+        assert_eq!(
+            StreamAddr::parse("127.0.0.1:5000"),
+            Ok(StreamAddr::Tcp("127.0.0.1:5000".into()))
+        );
         assert_eq!(StreamAddr::parse("[::1]:5000"), Ok(StreamAddr::Tcp("[::1]:5000".into())));
         assert_eq!(StreamAddr::parse("localhost:0"), Ok(StreamAddr::Tcp("localhost:0".into())));
-        assert_eq!(StreamAddr::parse("unix:/tmp/a.sock"), Ok(StreamAddr::Unix("/tmp/a.sock".into())));
+        assert_eq!(
+            StreamAddr::parse("unix:/tmp/a.sock"),
+            Ok(StreamAddr::Unix("/tmp/a.sock".into()))
+        );
         assert_eq!(StreamAddr::parse("/run/x.sock"), Ok(StreamAddr::Unix("/run/x.sock".into())));
         assert_eq!(StreamAddr::parse("./rel.sock"), Ok(StreamAddr::Unix("./rel.sock".into())));
     }

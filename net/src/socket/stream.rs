@@ -10,6 +10,15 @@
 //!   connection is retried every `reconnect_ms` (default 1000) with the link down.
 //! - The link is up while a peer is connected. The guest sees it go down and up again.
 //!
+//! Config (`StreamConfig`), e.g.:
+//!
+//! ```json
+//! {"listen": "127.0.0.1:5555"}
+//! {"connect": "127.0.0.1:5555", "connect_timeout_ms": 10000}
+//! {"listen": "unix:/run/user/1000/lan.sock", "hub": true}
+//! {"connect": "unix:/run/user/1000/lan.sock", "connect_timeout_ms": 0, "reconnect_ms": 500}
+//! ```
+//!
 //! All socket work happens inside `recv()`; `poll_fd()` is an epoll fd over the listener,
 //! the peers, the reconnect timer and a flag that stays set while frames wait in our
 //! buffers.
@@ -197,12 +206,15 @@ impl Target {
     }
 
     fn connect_nonblocking(&mut self) -> io::Result<Attempt> {
-        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr};
+        use nix::sys::socket::{
+            connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr,
+        };
         let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
         let (fd, result, name) = match self {
             Target::Tcp { addrs, next } => {
                 let addr = Self::next_tcp(addrs, next).ok_or(io::ErrorKind::AddrNotAvailable)?;
-                let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+                let family =
+                    if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
                 let fd = socket(family, SockType::Stream, flags, None).map_err(io::Error::from)?;
                 let _ = sys::set_int_opt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
                 let result = connect(fd.as_raw_fd(), &SockaddrStorage::from(addr));
@@ -262,10 +274,15 @@ fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         return Err(first);
     }
     if !std::fs::symlink_metadata(path)?.file_type().is_socket() {
-        return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the path exists and is not a socket"));
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the path exists and is not a socket",
+        ));
     }
     match UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is listening on it")),
+        Ok(_) => {
+            Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is listening on it"))
+        }
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             log::info!("stream: removing stale socket {}", path.display());
             std::fs::remove_file(path)?;
@@ -283,10 +300,18 @@ impl StreamBackend {
             (Some(l), None) => ("listen", l, true),
             (None, Some(c)) => ("connect", c, false),
             (Some(l), Some(_)) => {
-                return Err(invalid("listen", l, "cannot be combined with \"connect\"; a stream backend is one side"))
+                return Err(invalid(
+                    "listen",
+                    l,
+                    "cannot be combined with \"connect\"; a stream backend is one side",
+                ))
             }
             (None, None) => {
-                return Err(invalid("listen", "", "is missing: a stream backend needs \"listen\" or \"connect\""))
+                return Err(invalid(
+                    "listen",
+                    "",
+                    "is missing: a stream backend needs \"listen\" or \"connect\"",
+                ))
             }
         };
         let addr = StreamAddr::parse(spec).map_err(|reason| invalid(field, spec, reason))?;
@@ -294,14 +319,20 @@ impl StreamBackend {
             return Err(invalid("hub", "true", "only applies to the \"listen\" side"));
         }
         if cfg.reconnect_ms < 10 {
-            return Err(invalid("reconnect_ms", &cfg.reconnect_ms.to_string(), "must be at least 10"));
+            return Err(invalid(
+                "reconnect_ms",
+                &cfg.reconnect_ms.to_string(),
+                "must be at least 10",
+            ));
         }
         let io_err = |what| move |source| StreamError::Io { what, source };
         let epoll = Epoll::new().map_err(io_err("epoll_create"))?;
         let timer = Timer::new().map_err(io_err("timerfd_create"))?;
         let pending = Flag::new().map_err(io_err("eventfd"))?;
         epoll.add(timer.raw(), libc::EPOLLIN as u32, TOKEN_TIMER).map_err(io_err("epoll_ctl"))?;
-        epoll.add(pending.raw(), libc::EPOLLIN as u32, TOKEN_PENDING).map_err(io_err("epoll_ctl"))?;
+        epoll
+            .add(pending.raw(), libc::EPOLLIN as u32, TOKEN_PENDING)
+            .map_err(io_err("epoll_ctl"))?;
 
         let role = if listen {
             let listen_err = |source| StreamError::Listen { addr: addr.to_string(), source };
@@ -316,10 +347,16 @@ impl StreamBackend {
                     let l = bind_unix(path).map_err(listen_err)?;
                     l.set_nonblocking(true).map_err(listen_err)?;
                     let meta = std::fs::symlink_metadata(path).map_err(listen_err)?;
-                    Listener::Unix { listener: l, path: path.clone(), identity: (meta.dev(), meta.ino()) }
+                    Listener::Unix {
+                        listener: l,
+                        path: path.clone(),
+                        identity: (meta.dev(), meta.ino()),
+                    }
                 }
             };
-            epoll.add(listener.raw(), libc::EPOLLIN as u32, TOKEN_LISTENER).map_err(io_err("epoll_ctl"))?;
+            epoll
+                .add(listener.raw(), libc::EPOLLIN as u32, TOKEN_LISTENER)
+                .map_err(io_err("epoll_ctl"))?;
             Role::Listen { listener, hub: cfg.hub, paused: false }
         } else {
             let target = match &addr {
@@ -329,7 +366,11 @@ impl StreamBackend {
                 },
                 StreamAddr::Unix(path) => Target::Unix(path.clone()),
             };
-            Role::Connect { target, connecting: None, reconnect: Duration::from_millis(cfg.reconnect_ms) }
+            Role::Connect {
+                target,
+                connecting: None,
+                reconnect: Duration::from_millis(cfg.reconnect_ms),
+            }
         };
 
         let mut backend = StreamBackend {
@@ -353,13 +394,23 @@ impl StreamBackend {
         };
         match &backend.role {
             Role::Listen { .. } => {
-                log::info!("stream {} (NIC {}): listening; link down until a peer connects", backend.addr, mac)
+                log::info!(
+                    "stream {} (NIC {}): listening; link down until a peer connects",
+                    backend.addr,
+                    mac
+                )
             }
             Role::Connect { .. } if cfg.connect_timeout_ms == 0 => {
-                log::info!("stream {} (NIC {}): connecting in the background; link down", backend.addr, mac);
+                log::info!(
+                    "stream {} (NIC {}): connecting in the background; link down",
+                    backend.addr,
+                    mac
+                );
                 backend.settle();
             }
-            Role::Connect { .. } => backend.connect_at_startup(Duration::from_millis(cfg.connect_timeout_ms))?,
+            Role::Connect { .. } => {
+                backend.connect_at_startup(Duration::from_millis(cfg.connect_timeout_ms))?
+            }
         }
         Ok(backend)
     }
@@ -450,7 +501,11 @@ impl StreamBackend {
                             self.log,
                             "stream {}: refusing {name}: {}",
                             self.addr,
-                            if hub { "the hub is full" } else { "a peer is already connected (use \"hub\": true for more)" }
+                            if hub {
+                                "the hub is full"
+                            } else {
+                                "a peer is already connected (use \"hub\": true for more)"
+                            }
                         );
                         drop(fd);
                         continue;
@@ -458,11 +513,19 @@ impl StreamBackend {
                     self.add_peer(fd, name);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
                 Err(e) => {
                     // Out of fds (or similar): the connection stays queued and the listener
                     // readable, so rest it instead of spinning.
-                    warn_limited!(self.log, "stream {}: accept failed: {e}; pausing the listener", self.addr);
+                    warn_limited!(
+                        self.log,
+                        "stream {}: accept failed: {e}; pausing the listener",
+                        self.addr
+                    );
                     self.pause_listener();
                     return;
                 }
@@ -489,7 +552,9 @@ impl StreamBackend {
                 self.timer_armed = false;
                 if *paused {
                     *paused = false;
-                    if let Err(e) = self.epoll.add(listener.raw(), libc::EPOLLIN as u32, TOKEN_LISTENER) {
+                    if let Err(e) =
+                        self.epoll.add(listener.raw(), libc::EPOLLIN as u32, TOKEN_LISTENER)
+                    {
                         log::error!("stream {}: cannot resume the listener: {e}", self.addr);
                     }
                 }
@@ -545,7 +610,9 @@ impl StreamBackend {
                         if ready & libc::EPOLLOUT as u32 != 0 {
                             peer.flush();
                         }
-                        let readable = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+                        let readable =
+                            (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR)
+                                as u32;
                         if ready & readable != 0 {
                             peer.read_some();
                         }
@@ -672,16 +739,23 @@ impl Backend for StreamBackend {
                 Some(RxEvent::TooLarge(len)) => {
                     self.count_drop(DropKind::RxTooLargeForBuffer);
                     self.settle();
-                    warn_limited!(self.log, "stream {}: {len}-byte frame does not fit the receive buffer", self.addr);
+                    warn_limited!(
+                        self.log,
+                        "stream {}: {len}-byte frame does not fit the receive buffer",
+                        self.addr
+                    );
                     return Err(BackendError::Dropped("frame larger than receive buffer"));
                 }
                 Some(RxEvent::BadLength { peer, len }) => {
                     self.count_drop(DropKind::RxBadLength);
-                    log::error!(
+                    // A hub peer could reconnect and repeat this at will: limit the lines.
+                    if self.log.allow().is_some() {
+                        log::error!(
                         "stream {}: peer {peer} sent a frame length of {len} (allowed 1..={MAX_FRAME_LEN}); \
                          the stream is corrupt, disconnecting it",
                         self.addr
-                    );
+                        );
+                    }
                 }
                 None if round == 0 => self.service(),
                 None => {}

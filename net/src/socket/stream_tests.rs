@@ -59,11 +59,13 @@ fn check_delivery(from: &mut StreamBackend, to: &mut StreamBackend, f: &[u8]) {
 #[test]
 fn config_parses_and_rejects_unknown_fields() {
     let cfg: StreamConfig =
-        serde_json::from_str(r#"{"connect": "unix:/tmp/x.sock", "connect_timeout_ms": 0}"#).unwrap();
+        serde_json::from_str(r#"{"connect": "unix:/tmp/x.sock", "connect_timeout_ms": 0}"#)
+            .unwrap();
     assert_eq!(cfg.connect.as_deref(), Some("unix:/tmp/x.sock"));
     assert_eq!(cfg.connect_timeout_ms, 0);
     assert_eq!(cfg.reconnect_ms, 1000);
-    let hub: StreamConfig = serde_json::from_str(r#"{"listen": "127.0.0.1:5000", "hub": true}"#).unwrap();
+    let hub: StreamConfig =
+        serde_json::from_str(r#"{"listen": "127.0.0.1:5000", "hub": true}"#).unwrap();
     assert!(hub.hub);
     let err = serde_json::from_str::<StreamConfig>(r#"{"listen": "x:1", "lisen": 2}"#).unwrap_err();
     assert!(err.to_string().contains("lisen"), "{err}");
@@ -73,10 +75,27 @@ fn config_parses_and_rejects_unknown_fields() {
 fn invalid_configs_name_the_field() {
     let cases = [
         (StreamConfig::default(), "\"listen\""),
-        (StreamConfig { listen: Some("a:1".into()), connect: Some("b:1".into()), ..Default::default() }, "\"listen\""),
-        (StreamConfig { connect: Some("127.0.0.1:1".into()), hub: true, ..Default::default() }, "\"hub\""),
+        (
+            StreamConfig {
+                listen: Some("a:1".into()),
+                connect: Some("b:1".into()),
+                ..Default::default()
+            },
+            "\"listen\"",
+        ),
+        (
+            StreamConfig { connect: Some("127.0.0.1:1".into()), hub: true, ..Default::default() },
+            "\"hub\"",
+        ),
         (listen_cfg("nonsense"), "\"listen\": \"nonsense\""),
-        (StreamConfig { connect: Some("127.0.0.1:1".into()), reconnect_ms: 0, ..Default::default() }, "\"reconnect_ms\""),
+        (
+            StreamConfig {
+                connect: Some("127.0.0.1:1".into()),
+                reconnect_ms: 0,
+                ..Default::default()
+            },
+            "\"reconnect_ms\"",
+        ),
     ];
     for (cfg, needle) in cases {
         let msg = StreamBackend::new(&cfg, mac(1)).err().expect("should fail").to_string();
@@ -123,7 +142,10 @@ fn unix_connect_side_reconnects_in_background() {
     drop(server);
     assert!(!path.exists(), "listener removes its socket file");
     assert!(pump_until(&mut client, WAIT, |b| !b.link_up()), "connect side goes down");
-    assert_eq!(client.send(&VnetHdr::default(), &frame(2, 2, 64)).unwrap_err().to_string(), "frame dropped: stream link is down");
+    assert_eq!(
+        client.send(&VnetHdr::default(), &frame(2, 2, 64)).unwrap_err().to_string(),
+        "frame dropped: stream link is down"
+    );
 
     let mut server = StreamBackend::new(&listen_cfg(&spec), mac(1)).unwrap();
     assert!(pump_until(&mut client, WAIT, |b| b.link_up()), "connect side comes back up");
@@ -136,13 +158,19 @@ fn unix_connect_side_reconnects_in_background() {
 #[test]
 fn connect_fails_startup_after_timeout_naming_the_address() {
     let path = temp_sock("timeout");
-    let cfg = StreamConfig { connect_timeout_ms: 300, ..connect_cfg(&format!("unix:{}", path.display())) };
+    let cfg = StreamConfig {
+        connect_timeout_ms: 300,
+        ..connect_cfg(&format!("unix:{}", path.display()))
+    };
     let start = Instant::now();
     let err = StreamBackend::new(&cfg, mac(2)).err().expect("nobody listens");
     let waited = start.elapsed();
     assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(3), "{waited:?}");
     let msg = err.to_string();
-    assert!(msg.contains(&path.display().to_string()) && msg.contains("connect_timeout_ms"), "{msg}");
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains("connect_timeout_ms"),
+        "{msg}"
+    );
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
@@ -422,7 +450,8 @@ fn stale_unix_socket_is_replaced_but_live_one_and_plain_file_are_not() {
     drop(live);
     // A regular file is never deleted.
     std::fs::write(&path, b"precious").unwrap();
-    let err = StreamBackend::new(&listen_cfg(&spec), mac(1)).err().expect("not a socket").to_string();
+    let err =
+        StreamBackend::new(&listen_cfg(&spec), mac(1)).err().expect("not a socket").to_string();
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
@@ -448,5 +477,8 @@ fn poll_fd_goes_quiet_after_recv_drains_everything() {
     }
     assert_eq!(got, 5, "buffered frames keep poll_fd readable");
     while let Ok(Some(_)) = server.recv(&mut buf) {}
-    assert!(!crate::testutil::wait_readable(&server, Duration::from_millis(100)), "idle backend must not poll readable");
+    assert!(
+        !crate::testutil::wait_readable(&server, Duration::from_millis(100)),
+        "idle backend must not poll readable"
+    );
 }

@@ -88,7 +88,10 @@ impl Timer {
     pub fn arm(&self, first: Duration, interval: Duration) -> io::Result<()> {
         // A zero first expiry would disarm the timer instead.
         let first = first.max(Duration::from_nanos(1));
-        let spec = libc::itimerspec { it_interval: Self::timespec(interval), it_value: Self::timespec(first) };
+        let spec = libc::itimerspec {
+            it_interval: Self::timespec(interval),
+            it_value: Self::timespec(first),
+        };
         // SAFETY: `spec` is a valid itimerspec; the old value is not requested.
         check(unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) })
             .map(|_| ())
@@ -198,7 +201,10 @@ pub fn recv_some(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Receives one datagram into `buf`; returns its full length (which may exceed
 /// `buf.len()` when it was truncated) and its source.
-pub fn recv_datagram(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<std::net::SocketAddr>)> {
+pub fn recv_datagram(
+    fd: RawFd,
+    buf: &mut [u8],
+) -> io::Result<(usize, Option<std::net::SocketAddr>)> {
     loop {
         // SAFETY: an all-zero sockaddr_storage is valid; the kernel fills it.
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -228,13 +234,16 @@ fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<std::net::SocketA
     match i32::from(storage.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in, which it can contain.
-            let sin = unsafe { &*(storage as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage as *const libc::sockaddr_in) };
             let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
             Some(std::net::SocketAddr::from((ip, u16::from_be(sin.sin_port))))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6, which it can contain.
-            let sin6 = unsafe { &*(storage as *const libc::sockaddr_storage as *const libc::sockaddr_in6) };
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage as *const libc::sockaddr_in6)
+            };
             let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             Some(std::net::SocketAddr::from((ip, u16::from_be(sin6.sin6_port))))
         }
@@ -259,7 +268,12 @@ pub fn set_multicast_if_v4(fd: RawFd, addr: std::net::Ipv4Addr) -> io::Result<()
 }
 
 /// Sets an int-valued socket option.
-pub fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+pub fn set_int_opt(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: passes a valid c_int with its exact size.
     check(unsafe {
         libc::setsockopt(

@@ -5,6 +5,15 @@
 //! tapir issues its own tun ioctls (through nix) instead of using a tun crate, because it
 //! needs IFF_VNET_HDR, IFF_MULTI_QUEUE, TUNSETVNETHDRSZ and TUNSETOFFLOAD.
 //!
+//! Config (`TapConfig`), e.g.:
+//!
+//! ```json
+//! {"ifname": "tap0"}
+//! {"ifname": "tapir-web", "bridge": "br0"}
+//! {"fd": 3}
+//! {"ifname": "tap1", "vnet_hdr": false}
+//! ```
+//!
 //! Lifetime rules:
 //! - A tap that tapir creates is non-persistent, so the kernel deletes it when the fd
 //!   closes, including when tapir is killed. The fd is close-on-exec so no child process
@@ -27,9 +36,7 @@ use libc::c_short;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::backend::{
-    Backend, BackendCounters, BackendError, Offloads, VnetHdr, MAX_FRAME_LEN,
-};
+use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr, MAX_FRAME_LEN};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
 use crate::warn_limited;
@@ -380,12 +387,18 @@ fn adopt_fd(raw: RawFd, cfg: &TapConfig) -> Result<(OwnedFd, String, bool, c_sho
     // take ownership, so nothing is closed if they fail.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
     let (name, flags) = sys::get_iff(borrowed).map_err(|e| match e.raw_os_error() {
-        Some(libc::EBADFD) => invalid("fd", &value, "is a /dev/net/tun fd not attached to any interface"),
+        Some(libc::EBADFD) => {
+            invalid("fd", &value, "is a /dev/net/tun fd not attached to any interface")
+        }
         _ => invalid("fd", &value, format!("is not a tap file descriptor (TUNGETIFF: {e})")),
     })?;
     let kind = flags & (libc::IFF_TUN as c_short | sys::IFF_TAP);
     if kind != sys::IFF_TAP {
-        return Err(invalid("fd", &value, format!("belongs to {name}, a tun (layer 3) device, not a tap")));
+        return Err(invalid(
+            "fd",
+            &value,
+            format!("belongs to {name}, a tun (layer 3) device, not a tap"),
+        ));
     }
     if flags & sys::IFF_NO_PI == 0 {
         return Err(invalid(
@@ -396,7 +409,11 @@ fn adopt_fd(raw: RawFd, cfg: &TapConfig) -> Result<(OwnedFd, String, bool, c_sho
     }
     if let Some(want) = &cfg.ifname {
         if *want != name {
-            return Err(invalid("ifname", want, format!("does not match the tap of \"fd\" {raw}, which is {name:?}")));
+            return Err(invalid(
+                "ifname",
+                want,
+                format!("does not match the tap of \"fd\" {raw}, which is {name:?}"),
+            ));
         }
     }
     sys::make_nonblocking_cloexec(borrowed)
@@ -413,7 +430,10 @@ fn attach_by_name(cfg: &TapConfig) -> Result<(OwnedFd, String, bool, c_short), T
     let info = existing.and_then(|index| netlink::query_link(index).ok());
     if let Some(info) = &info {
         if let Some(kind) = info.kind.as_deref().filter(|k| *k != "tun") {
-            return Err(TapError::NotATap { ifname: name, what: format!("it is a {kind} interface") });
+            return Err(TapError::NotATap {
+                ifname: name,
+                what: format!("it is a {kind} interface"),
+            });
         }
         if let (Some(true), Some(queues)) = (info.tun_multi_queue, info.tun_num_queues) {
             if queues > 0 {
@@ -431,13 +451,15 @@ fn attach_by_name(cfg: &TapConfig) -> Result<(OwnedFd, String, bool, c_short), T
     };
     if let Err(e) = attached {
         return Err(match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::EACCES) if existing.is_some() => TapError::NotPermitted {
-                owner: match info.and_then(|i| i.tun_owner) {
-                    Some(uid) => format!("it belongs to uid {uid}"),
-                    None => "it is not owned by this user".to_string(),
-                },
-                ifname: name,
-            },
+            Some(libc::EPERM) | Some(libc::EACCES) if existing.is_some() => {
+                TapError::NotPermitted {
+                    owner: match info.and_then(|i| i.tun_owner) {
+                        Some(uid) => format!("it belongs to uid {uid}"),
+                        None => "it is not owned by this user".to_string(),
+                    },
+                    ifname: name,
+                }
+            }
             Some(libc::EPERM) | Some(libc::EACCES) => TapError::NeedsCapNetAdmin {
                 bridge_hint: match &cfg.bridge {
                     Some(br) => format!(" && ip link set {name} master {br}"),
@@ -453,8 +475,11 @@ fn attach_by_name(cfg: &TapConfig) -> Result<(OwnedFd, String, bool, c_short), T
             _ => TapError::Ioctl { ifname: name, op: "TUNSETIFF", source: e },
         });
     }
-    let (actual, flags) = sys::get_iff(fd.as_fd())
-        .map_err(|e| TapError::Ioctl { ifname: name.clone(), op: "TUNGETIFF", source: e })?;
+    let (actual, flags) = sys::get_iff(fd.as_fd()).map_err(|e| TapError::Ioctl {
+        ifname: name.clone(),
+        op: "TUNGETIFF",
+        source: e,
+    })?;
     let created = existing.is_none();
     if created && flags & sys::IFF_PERSIST != 0 {
         // Somebody made it persistent between our check and our attach; a tap we create
@@ -475,8 +500,8 @@ fn probe_offloads(fd: std::os::fd::BorrowedFd<'_>) -> Offloads {
     offloads.tso4 = accepts(sys::TUN_F_CSUM | sys::TUN_F_TSO4);
     offloads.tso6 = accepts(sys::TUN_F_CSUM | sys::TUN_F_TSO6);
     let any_tso = if offloads.tso4 { sys::TUN_F_TSO4 } else { sys::TUN_F_TSO6 };
-    offloads.tso_ecn = (offloads.tso4 || offloads.tso6)
-        && accepts(sys::TUN_F_CSUM | any_tso | sys::TUN_F_TSO_ECN);
+    offloads.tso_ecn =
+        (offloads.tso4 || offloads.tso6) && accepts(sys::TUN_F_CSUM | any_tso | sys::TUN_F_TSO_ECN);
     offloads.ufo = accepts(sys::TUN_F_CSUM | sys::TUN_F_UFO);
     let _ = sys::set_offload(fd, 0);
     offloads
@@ -502,7 +527,12 @@ fn offload_flags(offloads: Offloads) -> libc::c_ulong {
     flags
 }
 
-fn set_or_check_host_mac(control: &sys::ControlSocket, ifname: &str, created: bool, guest: MacAddr) {
+fn set_or_check_host_mac(
+    control: &sys::ControlSocket,
+    ifname: &str,
+    created: bool,
+    guest: MacAddr,
+) {
     if created {
         let host = host_side_mac(guest);
         if let Err(e) = control.set_hwaddr(ifname, host) {
@@ -521,27 +551,38 @@ fn set_or_check_host_mac(control: &sys::ControlSocket, ifname: &str, created: bo
     }
 }
 
-fn attach_to_bridge(control: &sys::ControlSocket, ifname: &str, bridge: &str) -> Result<(), TapError> {
+fn attach_to_bridge(
+    control: &sys::ControlSocket,
+    ifname: &str,
+    bridge: &str,
+) -> Result<(), TapError> {
     let fail = |reason: String| TapError::Bridge {
         bridge: bridge.to_string(),
         ifname: ifname.to_string(),
         reason,
     };
     let Some(bridge_index) = sys::ifindex(bridge) else {
-        return Err(invalid("bridge", bridge, "does not exist (create it with `ip link add NAME type bridge`)"));
+        return Err(invalid(
+            "bridge",
+            bridge,
+            "does not exist (create it with `ip link add NAME type bridge`)",
+        ));
     };
     if let Ok(info) = netlink::query_link(bridge_index) {
         match info.kind.as_deref() {
             Some("bridge") => {}
             Some(kind) => {
-                return Err(invalid("bridge", bridge, format!("is not a bridge (it is a {kind} interface)")))
+                return Err(invalid(
+                    "bridge",
+                    bridge,
+                    format!("is not a bridge (it is a {kind} interface)"),
+                ))
             }
             None => return Err(invalid("bridge", bridge, "is not a bridge")),
         }
     }
-    let tap_index = control
-        .index(ifname)
-        .map_err(|e| fail(format!("cannot find the tap's index: {e}")))?;
+    let tap_index =
+        control.index(ifname).map_err(|e| fail(format!("cannot find the tap's index: {e}")))?;
     if let Ok(info) = netlink::query_link(tap_index as u32) {
         match info.master {
             Some(master) if master == bridge_index => return Ok(()),
@@ -553,7 +594,9 @@ fn attach_to_bridge(control: &sys::ControlSocket, ifname: &str, bridge: &str) ->
         }
     }
     control.bridge_add(bridge, tap_index).map_err(|e| match e.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => invalid("bridge", bridge, format!("is not a bridge ({e})")),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+            invalid("bridge", bridge, format!("is not a bridge ({e})"))
+        }
         Some(libc::EPERM) | Some(libc::EACCES) => fail(format!(
             "needs CAP_NET_ADMIN; attach it beforehand with `ip link set {ifname} master {bridge}` \
              and drop \"bridge\" from the config"
@@ -574,7 +617,9 @@ fn bring_up(control: &sys::ControlSocket, ifname: &str) -> Result<(), TapError> 
             );
             Ok(())
         }
-        Err(e) => Err(TapError::Ioctl { ifname: ifname.to_string(), op: "SIOCSIFFLAGS (up)", source: e }),
+        Err(e) => {
+            Err(TapError::Ioctl { ifname: ifname.to_string(), op: "SIOCSIFFLAGS (up)", source: e })
+        }
     }
 }
 
@@ -606,7 +651,9 @@ impl Backend for Tap {
                 let _ = self.mark_gone(e);
                 Ok(())
             }
-            Err(e) => Err(io::Error::new(e.kind(), format!("tap {}: TUNSETOFFLOAD: {e}", self.ifname))),
+            Err(e) => {
+                Err(io::Error::new(e.kind(), format!("tap {}: TUNSETOFFLOAD: {e}", self.ifname)))
+            }
         }
     }
 

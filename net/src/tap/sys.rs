@@ -67,8 +67,7 @@ fn ifreq_named(name: &str) -> libc::ifreq {
 }
 
 fn ifreq_name(ifr: &libc::ifreq) -> String {
-    let bytes: Vec<u8> =
-        ifr.ifr_name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    let bytes: Vec<u8> = ifr.ifr_name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -77,9 +76,8 @@ fn ifreq_name(ifr: &libc::ifreq) -> String {
 pub fn open_tun_device() -> io::Result<OwnedFd> {
     let path = c"/dev/net/tun";
     // SAFETY: `path` is a valid NUL-terminated string; the result is checked.
-    let fd = unsafe {
-        libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC)
-    };
+    let fd =
+        unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

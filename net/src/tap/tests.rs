@@ -168,7 +168,15 @@ fn named(ifname: &str) -> TapConfig {
 fn tap_with_address(ns: &NetNs, ifname: &str) -> Tap {
     let tap = ns.enter(|| Tap::open(&named(ifname), Some(GUEST_MAC))).unwrap();
     ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", ifname]);
-    ns.ip(&["neigh", "replace", &GUEST_IP.to_string(), "lladdr", &GUEST_MAC.to_string(), "dev", ifname]);
+    ns.ip(&[
+        "neigh",
+        "replace",
+        &GUEST_IP.to_string(),
+        "lladdr",
+        &GUEST_MAC.to_string(),
+        "dev",
+        ifname,
+    ]);
     tap
 }
 
@@ -190,11 +198,16 @@ fn arp_for_host(tap: &mut Tap) -> [u8; 6] {
 #[test]
 fn config_defaults_and_unknown_fields() {
     let cfg: TapConfig = serde_json::from_str(r#"{"ifname": "tap0"}"#).unwrap();
-    assert_eq!(cfg, TapConfig { ifname: Some("tap0".into()), fd: None, bridge: None, vnet_hdr: true });
-    let cfg: TapConfig = serde_json::from_str(r#"{"fd": 5, "bridge": "br0", "vnet_hdr": false}"#).unwrap();
+    assert_eq!(
+        cfg,
+        TapConfig { ifname: Some("tap0".into()), fd: None, bridge: None, vnet_hdr: true }
+    );
+    let cfg: TapConfig =
+        serde_json::from_str(r#"{"fd": 5, "bridge": "br0", "vnet_hdr": false}"#).unwrap();
     assert_eq!(cfg.fd, Some(5));
     assert!(!cfg.vnet_hdr);
-    let err = serde_json::from_str::<TapConfig>(r#"{"ifname": "tap0", "brige": "br0"}"#).unwrap_err();
+    let err =
+        serde_json::from_str::<TapConfig>(r#"{"ifname": "tap0", "brige": "br0"}"#).unwrap_err();
     assert!(err.to_string().contains("brige"), "{err}");
 }
 
@@ -207,7 +220,10 @@ fn bad_names_and_fds_are_rejected_naming_field_and_value() {
         (named("tap 0"), "\"ifname\""),
         (TapConfig { bridge: Some("br%d".into()), ..Default::default() }, "\"bridge\": \"br%d\""),
         (TapConfig { fd: Some(-3), ..Default::default() }, "\"fd\": \"-3\""),
-        (TapConfig { fd: Some(987_654), ..Default::default() }, "\"fd\": \"987654\" is not an open file descriptor"),
+        (
+            TapConfig { fd: Some(987_654), ..Default::default() },
+            "\"fd\": \"987654\" is not an open file descriptor",
+        ),
     ];
     for (cfg, needle) in cases {
         let msg = Tap::open(&cfg, None).err().expect("should fail").to_string();
@@ -248,7 +264,10 @@ fn offload_flags_follow_tun_rules() {
         sys::TUN_F_CSUM | sys::TUN_F_TSO4 | sys::TUN_F_TSO6 | sys::TUN_F_TSO_ECN | sys::TUN_F_UFO
     );
     // ECN only rides along with a TSO flag.
-    assert_eq!(offload_flags(Offloads { csum: true, tso_ecn: true, ..Offloads::NONE }), sys::TUN_F_CSUM);
+    assert_eq!(
+        offload_flags(Offloads { csum: true, tso_ecn: true, ..Offloads::NONE }),
+        sys::TUN_F_CSUM
+    );
 }
 
 // ---- real taps ----------------------------------------------------------------------
@@ -285,7 +304,11 @@ fn created_tap_answers_arp_and_ping_and_vanishes_on_drop() {
 fn kernel_named_tap_gets_a_number() {
     let Some(ns) = NetNs::new() else { return };
     let tap = ns.enter(|| Tap::open(&TapConfig::default(), None)).unwrap();
-    assert!(tap.ifname().starts_with("tapir") && tap.ifname() != DEFAULT_IFNAME_PATTERN, "{}", tap.ifname());
+    assert!(
+        tap.ifname().starts_with("tapir") && tap.ifname() != DEFAULT_IFNAME_PATTERN,
+        "{}",
+        tap.ifname()
+    );
     assert!(link_exists(&ns, tap.ifname()));
 }
 
@@ -303,7 +326,8 @@ fn tso_frame_with_partial_checksum_reaches_a_listener_and_kernel_sends_tso_back(
     let (sport, dport, isn) = (40000u16, 7000u16, 1000u32);
     let mss = [2, 4, 0x05, 0xb4];
     let seg = |seq, ack, flags, options: &[u8], payload: &[u8], partial_csum| {
-        Tcp { dst_mac: host_mac, sport, dport, seq, ack, flags, options, payload, partial_csum }.frame()
+        Tcp { dst_mac: host_mac, sport, dport, seq, ack, flags, options, payload, partial_csum }
+            .frame()
     };
     tap.send(&VnetHdr::default(), &seg(isn, 0, SYN, &mss, &[], false)).unwrap();
     let (_, synack) = recv_until(&mut tap, WAIT, |_, f| {
@@ -365,7 +389,8 @@ fn partial_checksum_frames_are_held_back_until_negotiated() {
         partial_csum: false,
     };
     tap.send(&VnetHdr::default(), &syn.frame()).unwrap();
-    let (hdr, _) = recv_until(&mut tap, WAIT, |_, f| parse_tcp(f, 40001).is_some()).expect("SYN-ACK");
+    let (hdr, _) =
+        recv_until(&mut tap, WAIT, |_, f| parse_tcp(f, 40001).is_some()).expect("SYN-ACK");
     assert!(hdr.is_plain(), "{hdr:?}");
 }
 
@@ -379,7 +404,10 @@ fn vnet_hdr_off_means_no_offloads_and_plain_frames() {
     let host_mac = arp_for_host(&mut tap);
     assert_eq!(MacAddr(host_mac), host_side_mac(GUEST_MAC));
     let gso = VnetHdr { flags: VnetHdr::FLAG_NEEDS_CSUM, ..Default::default() };
-    assert!(matches!(tap.send(&gso, &arp_request(GUEST_MAC, GUEST_IP, HOST_IP)), Err(BackendError::Dropped(_))));
+    assert!(matches!(
+        tap.send(&gso, &arp_request(GUEST_MAC, GUEST_IP, HOST_IP)),
+        Err(BackendError::Dropped(_))
+    ));
     assert_eq!(drop_count(&tap, "tx_offload_without_vnet_hdr"), 1);
 }
 
@@ -453,7 +481,10 @@ fn bridge_attach_sets_master_and_brings_tap_up() {
     ns.ip(&["link", "add", "brt1", "type", "bridge"]);
     let other = TapConfig { bridge: Some("brt1".into()), ..named("tpb1") };
     let msg = ns.enter(|| Tap::open(&other, None)).err().expect("on brt0").to_string();
-    assert!(msg.contains("\"bridge\": \"brt1\"") && msg.contains("already a port of brt0"), "{msg}");
+    assert!(
+        msg.contains("\"bridge\": \"brt1\"") && msg.contains("already a port of brt0"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -606,8 +637,14 @@ fn non_root_errors_explain_how_to_precreate_the_tap() {
     let Some(ns) = NetNs::new() else { return };
     ns.ip(&["tuntap", "add", "dev", "tpu0", "mode", "tap", "user", "0", "vnet_hdr", "multi_queue"]);
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "tap::tests::child_without_cap_net_admin", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, ns.name());
+    cmd.args([
+        "--exact",
+        "tap::tests::child_without_cap_net_admin",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD_ENV, ns.name());
     // SAFETY: the closure only makes an async-signal-safe prctl call.
     unsafe {
         cmd.pre_exec(|| {
@@ -620,7 +657,11 @@ fn non_root_errors_explain_how_to_precreate_the_tap() {
     }
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "child failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         stdout.contains(
             "ip tuntap add dev tpn0 mode tap user $USER vnet_hdr multi_queue && ip link set tpn0 up && ip link set tpn0 master brn0"
