@@ -9,6 +9,8 @@
 //!   instead with the link down and connects in the background. Once running, a lost
 //!   connection is retried every `reconnect_ms` (default 1000) with the link down.
 //! - The link is up while a peer is connected. The guest sees it go down and up again.
+//! - A hub forwards a peer's frame to the other peers when the local NIC receives it
+//!   (inside `recv()`), so a NIC that stops receiving also stalls the hub.
 //!
 //! Config (`StreamConfig`), e.g.:
 //!
