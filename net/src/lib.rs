@@ -1,1 +1,8 @@
-pub mod backend; pub mod mac;
+pub mod backend;
+pub mod log_limit;
+pub mod mac;
+pub mod mac_registry;
+pub mod socket;
+pub mod tap;
+#[cfg(test)]
+mod testutil;
