@@ -40,10 +40,10 @@ pub struct NicConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum BackendConfig {
-    Tap(serde_json::Value),
+    Tap(tapir_net::tap::TapConfig),
     User(serde_json::Value),
-    Stream(serde_json::Value),
-    Dgram(serde_json::Value),
+    Stream(tapir_net::socket::StreamConfig),
+    Dgram(tapir_net::socket::DgramConfig),
 }
 
 impl NicConfig {
