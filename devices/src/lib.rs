@@ -1,2 +1,3 @@
 pub mod interrupt;
 pub mod pci;
+pub mod e1000;
