@@ -71,7 +71,13 @@ pub fn write_u32(frame: &mut [u8], at: usize, value: u32) -> bool {
 /// The e1000 offload primitive: sums `frame[start..=end]` (to the frame's end when
 /// `end` is `None`) including whatever the checksum field holds as a seed, adds
 /// `extra`, and stores the result at `store_at`. `false` when an offset is out of range.
-pub fn insert(frame: &mut [u8], start: usize, end: Option<usize>, store_at: usize, extra: u64) -> bool {
+pub fn insert(
+    frame: &mut [u8],
+    start: usize,
+    end: Option<usize>,
+    store_at: usize,
+    extra: u64,
+) -> bool {
     let stop = match end {
         Some(e) => match e.checked_add(1) {
             Some(s) if s <= frame.len() => s,
@@ -145,7 +151,13 @@ pub fn locate_l4(frame: &[u8], vlan_ethertype: u16) -> Option<L4Location> {
             if fragment != 0 || total < ihl || l3 + total > frame.len() {
                 return None;
             }
-            Some(L4Location { l3_start: l3, l4_start: l3 + ihl, protocol, ipv4: true, l4_len: total - ihl })
+            Some(L4Location {
+                l3_start: l3,
+                l4_start: l3 + ihl,
+                protocol,
+                ipv4: true,
+                l4_len: total - ihl,
+            })
         }
         ETHERTYPE_IPV6 => {
             if *frame.get(l3)? >> 4 != 6 {
@@ -156,7 +168,13 @@ pub fn locate_l4(frame: &[u8], vlan_ethertype: u16) -> Option<L4Location> {
             if l3 + 40 + payload > frame.len() {
                 return None;
             }
-            Some(L4Location { l3_start: l3, l4_start: l3 + 40, protocol, ipv4: false, l4_len: payload })
+            Some(L4Location {
+                l3_start: l3,
+                l4_start: l3 + 40,
+                protocol,
+                ipv4: false,
+                l4_len: payload,
+            })
         }
         _ => None,
     }
@@ -165,7 +183,11 @@ pub fn locate_l4(frame: &[u8], vlan_ethertype: u16) -> Option<L4Location> {
 
 /// The pseudo-header sum for an L4 segment of `l4_len` bytes.
 pub fn pseudo_header(frame: &[u8], loc: &L4Location) -> Option<u64> {
-    let (src, len) = if loc.ipv4 { (loc.l3_start + 12, 8) } else { (loc.l3_start + 8, 32) };
+    let (src, len) = if loc.ipv4 {
+        (loc.l3_start + 12, 8)
+    } else {
+        (loc.l3_start + 8, 32)
+    };
     let addresses = frame.get(src..src + len)?;
     Some(add(u64::from(loc.protocol) + loc.l4_len as u64, addresses))
 }

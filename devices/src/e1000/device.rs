@@ -13,8 +13,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::interrupt::IrqLine;
 use crate::pci::{
-    BarKind, BarSpec, PciConfigSpace, PciDevice, PciIdentity, PCI_COMMAND, PCI_COMMAND_INTX_DISABLE,
-    PCI_COMMAND_MASTER, PCI_STATUS,
+    BarKind, BarSpec, PciConfigSpace, PciDevice, PciIdentity, PCI_COMMAND,
+    PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_STATUS,
 };
 
 use super::itr_timer::ItrTimer;
@@ -64,7 +64,10 @@ impl E1000 {
         let mac = mac.validate_for_nic()?;
         // Partial checksums from the host are completed here; GSO is never accepted
         // because this model does not segment received frames.
-        let rx_offloads = Offloads { csum: backend.supported_offloads().csum, ..Offloads::NONE };
+        let rx_offloads = Offloads {
+            csum: backend.supported_offloads().csum,
+            ..Offloads::NONE
+        };
         if let Err(e) = backend.set_rx_offloads(rx_offloads) {
             log::warn!("e1000: backend refused receive offloads {rx_offloads:?}: {e}");
             if let Err(e) = backend.set_rx_offloads(Offloads::NONE) {
@@ -92,8 +95,16 @@ impl E1000 {
             subsystem_id: super::SUBSYSTEM_ID,
         };
         let bars = [
-            BarSpec { index: MMIO_BAR, kind: BarKind::Memory32, size: MMIO_SIZE },
-            BarSpec { index: IO_BAR, kind: BarKind::Io, size: IO_SIZE },
+            BarSpec {
+                index: MMIO_BAR,
+                kind: BarKind::Memory32,
+                size: MMIO_SIZE,
+            },
+            BarSpec {
+                index: IO_BAR,
+                kind: BarKind::Io,
+                size: IO_SIZE,
+            },
         ];
         Ok(E1000 {
             config: PciConfigSpace::new(identity, &bars, INTERRUPT_PIN),
@@ -119,7 +130,11 @@ impl E1000 {
             let reg = at & !3;
             let skip = (at - reg) as usize;
             let take = (4 - skip).min(data.len() - done);
-            let value = if reg < MMIO_SIZE { state.read(reg as u32) } else { 0 };
+            let value = if reg < MMIO_SIZE {
+                state.read(reg as u32)
+            } else {
+                0
+            };
             data[done..done + take].copy_from_slice(&value.to_le_bytes()[skip..skip + take]);
             done += take;
         }
@@ -181,7 +196,10 @@ impl E1000 {
                 self.mmio_read(reg + skip as u64, &mut data[..take]);
             }
         } else if offset >= IODATA + 4 {
-            self.shared.lock().counters.drop_event("unimplemented_register", &format_args!("I/O read at {offset:#x}"));
+            self.shared.lock().counters.drop_event(
+                "unimplemented_register",
+                &format_args!("I/O read at {offset:#x}"),
+            );
         }
     }
 
@@ -201,12 +219,17 @@ impl E1000 {
                 self.mmio_write(reg + skip, &data[..take]);
             }
         } else {
-            self.shared.lock().counters.drop_event("unimplemented_register", &format_args!("I/O write at {offset:#x}"));
+            self.shared.lock().counters.drop_event(
+                "unimplemented_register",
+                &format_args!("I/O write at {offset:#x}"),
+            );
         }
     }
 
     fn stop_worker(&mut self) {
-        let Some(handle) = self.worker.take() else { return };
+        let Some(handle) = self.worker.take() else {
+            return;
+        };
         self.shared.stop.store(true, Ordering::Release);
         self.shared.wake();
         match handle.join() {
@@ -277,7 +300,12 @@ impl PciDevice for E1000 {
     fn stats(&self) -> String {
         let device = self.shared.lock().counters.summary();
         match &self.backend {
-            Some(b) => format!("e1000 {}: {device}; backend {}: {}", self.mac, b.kind(), b.counters()),
+            Some(b) => format!(
+                "e1000 {}: {device}; backend {}: {}",
+                self.mac,
+                b.kind(),
+                b.counters()
+            ),
             None => format!("e1000 {}: {device}", self.mac),
         }
     }

@@ -45,9 +45,16 @@ impl Eeprom {
         words[0x0c] = super::VENDOR_ID;
         words[0x0d] = super::DEVICE_ID;
         words[0x0e] = super::VENDOR_ID;
-        let partial = words[..CHECKSUM_WORD].iter().fold(0u16, |acc, w| acc.wrapping_add(*w));
+        let partial = words[..CHECKSUM_WORD]
+            .iter()
+            .fold(0u16, |acc, w| acc.wrapping_add(*w));
         words[CHECKSUM_WORD] = EEPROM_SUM.wrapping_sub(partial);
-        Eeprom { words, eecd: 0, phase: Phase::Command { bits: 0, count: 0 }, data_out: true }
+        Eeprom {
+            words,
+            eecd: 0,
+            phase: Phase::Command { bits: 0, count: 0 },
+            data_out: true,
+        }
     }
 
     pub fn word(&self, index: usize) -> Option<u16> {
@@ -94,7 +101,9 @@ impl Eeprom {
                 } else if bits >> ADDRESS_BITS == OPCODE_READ {
                     // A dummy zero precedes the data bits.
                     self.data_out = false;
-                    Phase::Reading { next: (bits & ((1 << ADDRESS_BITS) - 1)) * 16 }
+                    Phase::Reading {
+                        next: (bits & ((1 << ADDRESS_BITS) - 1)) * 16,
+                    }
                 } else {
                     Phase::Ignoring
                 }
@@ -103,7 +112,9 @@ impl Eeprom {
                 // Sequential reads run on into the following words.
                 let word = self.words[(next as usize / 16) % EEPROM_WORDS];
                 self.data_out = (word >> (15 - next % 16)) & 1 == 1;
-                Phase::Reading { next: (next + 1) % (EEPROM_WORDS as u32 * 16) }
+                Phase::Reading {
+                    next: (next + 1) % (EEPROM_WORDS as u32 * 16),
+                }
             }
             Phase::Ignoring => Phase::Ignoring,
         };
@@ -115,7 +126,11 @@ pub(crate) mod tests {
     use super::*;
 
     /// Reads one word the way e1000_read_eeprom does for Microwire parts.
-    pub(crate) fn bitbang_read(mut write: impl FnMut(u32), mut read: impl FnMut() -> u32, addr: u16) -> u16 {
+    pub(crate) fn bitbang_read(
+        mut write: impl FnMut(u32),
+        mut read: impl FnMut() -> u32,
+        addr: u16,
+    ) -> u16 {
         let mut eecd = EECD_REQ;
         write(eecd);
         eecd |= EECD_CS;

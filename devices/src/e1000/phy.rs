@@ -81,7 +81,10 @@ pub struct MdicResult {
 
 impl Phy {
     pub fn new(link_up: bool) -> Self {
-        let mut phy = Phy { regs: [0; 32], link_up };
+        let mut phy = Phy {
+            regs: [0; 32],
+            link_up,
+        };
         phy.reset();
         phy
     }
@@ -111,7 +114,12 @@ impl Phy {
 
     fn refresh_status(&mut self) {
         let up = self.link_up;
-        self.regs[BMSR] = BMSR_CAPABILITIES | if up { BMSR_LSTATUS | BMSR_ANEGCOMPLETE } else { 0 };
+        self.regs[BMSR] = BMSR_CAPABILITIES
+            | if up {
+                BMSR_LSTATUS | BMSR_ANEGCOMPLETE
+            } else {
+                0
+            };
         self.regs[ANLPAR] = if up { LINK_PARTNER_ABILITY } else { 0 };
         self.regs[ANER] = if up { 1 } else { 0 };
         self.regs[GBSR] = if up { GBSR_LINK_UP } else { 0 };
@@ -143,7 +151,10 @@ impl Phy {
         let op = mdic & (3 << 26);
         let base = mdic & !(MDIC_READY | MDIC_ERROR);
         if phy_address != PHY_ADDRESS || (op != MDIC_OP_READ && op != MDIC_OP_WRITE) {
-            return MdicResult { mdic: base | MDIC_READY | MDIC_ERROR, link_changed: false };
+            return MdicResult {
+                mdic: base | MDIC_READY | MDIC_ERROR,
+                link_changed: false,
+            };
         }
         if op == MDIC_OP_READ {
             let data = u32::from(self.read(reg));
@@ -154,7 +165,10 @@ impl Phy {
         }
         let restart = reg == BMCR && (mdic as u16) & (BMCR_RESET | BMCR_ANRESTART) != 0;
         self.write(reg, mdic as u16);
-        MdicResult { mdic: base | MDIC_READY, link_changed: restart && self.link_up }
+        MdicResult {
+            mdic: base | MDIC_READY,
+            link_changed: restart && self.link_up,
+        }
     }
 }
 

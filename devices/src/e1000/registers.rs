@@ -236,8 +236,8 @@ pub fn classify(offset: u32) -> Option<RegKind> {
         | RDBAH | RDLEN | RDH | RDT | TDBAL | TDBAH | TDLEN | TDH | TDT | ITR => Special,
         CTRL_EXT | FLA | FCAL | FCAH | FCT | VET | FCTTV | TXCW | RXCW | TIPG | AIT | LEDCTL
         | PBA | FCRTL | FCRTH | RDFH | RDFT | RDFHS | RDFTS | RDFPC | RDTR | RXDCTL | RADV
-        | RSRPD | TXDMAC | TDFH | TDFT | TDFHS | TDFTS | TDFPC | TIDV | TXDCTL | TADV
-        | TSPMT | RXCSUM | WUC | WUFC | WUS | MANC | IPAV | WUPL => Plain,
+        | RSRPD | TXDMAC | TDFH | TDFT | TDFHS | TDFTS | TDFPC | TIDV | TXDCTL | TADV | TSPMT
+        | RXCSUM | WUC | WUFC | WUS | MANC | IPAV | WUPL => Plain,
         _ if (STATS_START..STATS_END).contains(&offset) => Counter,
         _ if in_table(MTA, MTA_LEN) || in_table(RA, RA_ENTRIES * 2) || in_table(VFTA, VFTA_LEN) => {
             Plain

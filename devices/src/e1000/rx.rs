@@ -65,7 +65,11 @@ impl Filter<'_> {
         };
         if self.rctl & RCTL_VFE != 0 && read_u16(frame, 12) == Some(self.vlan_ethertype) {
             let vid = read_u16(frame, 14).unwrap_or(0) & 0x0fff;
-            let word = self.vlan_table.get(usize::from(vid >> 5)).copied().unwrap_or(0);
+            let word = self
+                .vlan_table
+                .get(usize::from(vid >> 5))
+                .copied()
+                .unwrap_or(0);
             if word >> (vid & 31) & 1 == 0 {
                 return false;
             }
@@ -82,7 +86,11 @@ impl Filter<'_> {
         }
         multicast && dst != [0xff; 6] && {
             let hash = mta_hash(&dst, self.rctl >> RCTL_MO_SHIFT);
-            let word = self.multicast_table.get(usize::from(hash >> 5)).copied().unwrap_or(0);
+            let word = self
+                .multicast_table
+                .get(usize::from(hash >> 5))
+                .copied()
+                .unwrap_or(0);
             word >> (hash & 31) & 1 == 1
         }
     }
@@ -129,16 +137,28 @@ pub enum RxError {
 /// Builds the bytes the guest receives: VLAN tag stripped if asked, padded to the
 /// minimum frame, FCS appended unless RCTL.SECRC strips it. `trusted` says the L4
 /// checksum is known good (the backend verified or computed it).
-pub fn prepare(frame: &[u8], trusted: bool, cfg: &RxConfig, out: &mut Vec<u8>) -> Result<RxMeta, RxError> {
+pub fn prepare(
+    frame: &[u8],
+    trusted: bool,
+    cfg: &RxConfig,
+    out: &mut Vec<u8>,
+) -> Result<RxMeta, RxError> {
     if frame.len() < 14 {
         return Err(RxError::Runt);
     }
-    let max = if cfg.rctl & RCTL_LPE != 0 { MAX_LONG_FRAME } else { MAX_NORMAL_FRAME };
+    let max = if cfg.rctl & RCTL_LPE != 0 {
+        MAX_LONG_FRAME
+    } else {
+        MAX_NORMAL_FRAME
+    };
     let wire_len = frame.len().max(MIN_FRAME) + FCS_LEN;
     if wire_len > max {
         return Err(RxError::Oversize);
     }
-    let mut meta = RxMeta { wire_len, ..Default::default() };
+    let mut meta = RxMeta {
+        wire_len,
+        ..Default::default()
+    };
     out.clear();
     let tagged = frame.len() >= 18 && read_u16(frame, 12) == Some(cfg.vlan_ethertype);
     if tagged && cfg.strip_vlan {
@@ -168,7 +188,8 @@ fn checksum_status(frame: &[u8], cfg: &RxConfig, trusted: bool) -> (u8, u8) {
     }
     let (mut status, mut errors) = (0, 0);
     if cfg.rxcsum & RXCSUM_IPOFLD != 0 {
-        if let Some((l3, checksum::ETHERTYPE_IPV4)) = checksum::l3_start(frame, cfg.vlan_ethertype) {
+        if let Some((l3, checksum::ETHERTYPE_IPV4)) = checksum::l3_start(frame, cfg.vlan_ethertype)
+        {
             match checksum::ipv4_header_ok(frame, l3) {
                 Some(true) => status |= STA_IPCS,
                 Some(false) => {
@@ -220,7 +241,11 @@ const fn crc_tables() -> [[u32; 256]; 8] {
         let mut crc = i as u32;
         let mut bit = 0;
         while bit < 8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
             bit += 1;
         }
         tables[0][i] = crc;
@@ -245,7 +270,12 @@ mod tests {
     use crate::e1000::checksum::tests::tcp4_frame;
 
     fn cfg(rctl: u32) -> RxConfig {
-        RxConfig { rctl, strip_vlan: false, vlan_ethertype: 0x8100, rxcsum: RXCSUM_TUOFLD | RXCSUM_IPOFLD }
+        RxConfig {
+            rctl,
+            strip_vlan: false,
+            vlan_ethertype: 0x8100,
+            rxcsum: RXCSUM_TUOFLD | RXCSUM_IPOFLD,
+        }
     }
 
     #[test]
@@ -253,7 +283,9 @@ mod tests {
         assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
         assert_eq!(crc32(b""), 0);
         let long: Vec<u8> = (0..1000u32).map(|i| (i * 31) as u8).collect();
-        let bytewise = long.iter().fold(!0u32, |crc, &b| CRC_TABLES[0][((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8));
+        let bytewise = long.iter().fold(!0u32, |crc, &b| {
+            CRC_TABLES[0][((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8)
+        });
         assert_eq!(crc32(&long), !bytewise);
     }
 
@@ -282,7 +314,13 @@ mod tests {
             f[..6].copy_from_slice(&dst);
             f
         };
-        let filter = |rctl| Filter { rctl, receive_addresses: &ra, multicast_table: &mta, vlan_table: &vfta, vlan_ethertype: 0x8100 };
+        let filter = |rctl| Filter {
+            rctl,
+            receive_addresses: &ra,
+            multicast_table: &mta,
+            vlan_table: &vfta,
+            vlan_ethertype: 0x8100,
+        };
         assert!(filter(0).accepts(&frame_to(own)));
         assert!(!filter(0).accepts(&frame_to([0x52, 0x54, 0, 0, 0, 9])));
         assert!(filter(RCTL_UPE).accepts(&frame_to([0x52, 0x54, 0, 0, 0, 9])));
@@ -319,8 +357,14 @@ mod tests {
         assert_eq!(meta.errors, ERR_TCPE);
         let meta = prepare(&bad, true, &cfg(RCTL_SECRC), &mut out).unwrap();
         assert_eq!(meta.errors, 0);
-        let no_offload = RxConfig { rxcsum: 0, ..cfg(0) };
-        assert_eq!(prepare(&good, false, &no_offload, &mut out).unwrap().status, STA_IXSM);
+        let no_offload = RxConfig {
+            rxcsum: 0,
+            ..cfg(0)
+        };
+        assert_eq!(
+            prepare(&good, false, &no_offload, &mut out).unwrap().status,
+            STA_IXSM
+        );
     }
 
     #[test]
@@ -328,15 +372,27 @@ mod tests {
         let mut out = Vec::new();
         let mut tagged = tcp4_frame(100);
         tagged.splice(12..12, [0x81, 0x00, 0x20, 0x07]);
-        let strip = RxConfig { strip_vlan: true, ..cfg(RCTL_SECRC) };
+        let strip = RxConfig {
+            strip_vlan: true,
+            ..cfg(RCTL_SECRC)
+        };
         let meta = prepare(&tagged, false, &strip, &mut out).unwrap();
         assert_eq!(meta.special, 0x2007);
         assert_ne!(meta.status & STA_VP, 0);
         assert_eq!(out, tcp4_frame(100));
-        assert_eq!(prepare(&[0u8; 13], false, &cfg(0), &mut out), Err(RxError::Runt));
-        assert_eq!(prepare(&vec![0u8; 1519], false, &cfg(0), &mut out), Err(RxError::Oversize));
+        assert_eq!(
+            prepare(&[0u8; 13], false, &cfg(0), &mut out),
+            Err(RxError::Runt)
+        );
+        assert_eq!(
+            prepare(&vec![0u8; 1519], false, &cfg(0), &mut out),
+            Err(RxError::Oversize)
+        );
         assert!(prepare(&vec![0u8; 1518], false, &cfg(0), &mut out).is_ok());
         assert!(prepare(&vec![0u8; 9000], false, &cfg(RCTL_LPE), &mut out).is_ok());
-        assert_eq!(prepare(&vec![0u8; 16381], false, &cfg(RCTL_LPE), &mut out), Err(RxError::Oversize));
+        assert_eq!(
+            prepare(&vec![0u8; 16381], false, &cfg(RCTL_LPE), &mut out),
+            Err(RxError::Oversize)
+        );
     }
 }

@@ -140,7 +140,10 @@ impl State {
     pub fn read(&mut self, offset: u32) -> u32 {
         match classify(offset) {
             None => {
-                self.counters.drop_event("unimplemented_register", &format_args!("read at {offset:#07x}"));
+                self.counters.drop_event(
+                    "unimplemented_register",
+                    &format_args!("read at {offset:#07x}"),
+                );
                 0
             }
             Some(RegKind::Plain) => self.reg(offset),
@@ -214,7 +217,12 @@ impl State {
                 if value & EERD_START != 0 {
                     let addr = (value >> EERD_ADDR_SHIFT) & 0xff;
                     let data = self.eeprom.word(addr as usize).unwrap_or(0);
-                    self.set(EERD, (u32::from(data) << EERD_DATA_SHIFT) | (addr << EERD_ADDR_SHIFT) | EERD_DONE);
+                    self.set(
+                        EERD,
+                        (u32::from(data) << EERD_DATA_SHIFT)
+                            | (addr << EERD_ADDR_SHIFT)
+                            | EERD_DONE,
+                    );
                 } else {
                     self.set(EERD, value & !EERD_DONE);
                 }
@@ -383,13 +391,20 @@ impl State {
         } else if tail >= count {
             Err(RingFault::TailOutOfRange)
         } else {
-            Ok(Ring { base, count, head, tail, generation })
+            Ok(Ring {
+                base,
+                count,
+                head,
+                tail,
+                generation,
+            })
         }
     }
 
     /// The transmit ring, or `None` while transmit is disabled.
     pub fn tx_ring(&self) -> Option<Result<Ring, RingFault>> {
-        (self.bus_master && self.reg(TCTL) & TCTL_EN != 0).then(|| self.ring(TDBAL, self.tx_generation))
+        (self.bus_master && self.reg(TCTL) & TCTL_EN != 0)
+            .then(|| self.ring(TDBAL, self.tx_generation))
     }
 
     pub fn tx_generation(&self) -> u64 {
@@ -398,7 +413,8 @@ impl State {
 
     /// The receive ring, or `None` while receive is disabled.
     pub fn rx_ring(&self) -> Option<Result<Ring, RingFault>> {
-        (self.bus_master && self.reg(RCTL) & RCTL_EN != 0).then(|| self.ring(RDBAL, self.rx_generation))
+        (self.bus_master && self.reg(RCTL) & RCTL_EN != 0)
+            .then(|| self.ring(RDBAL, self.rx_generation))
     }
 
     pub fn rx_generation(&self) -> u64 {
@@ -481,7 +497,12 @@ mod tests {
 
     fn state() -> (State, Arc<TestIrqLine>) {
         let irq = Arc::new(TestIrqLine::default());
-        let mut s = State::new([2, 0, 0, 0, 0, 1], true, irq.clone(), ItrTimer::new().unwrap());
+        let mut s = State::new(
+            [2, 0, 0, 0, 0, 1],
+            true,
+            irq.clone(),
+            ItrTimer::new().unwrap(),
+        );
         s.set_pci_command(false, true);
         (s, irq)
     }
@@ -517,8 +538,15 @@ mod tests {
         assert_eq!(irq.rising_edges(), 1);
         s.read(ICR);
         s.write(ICS, ICR_TXDW);
-        assert!(!irq.asserted(), "second interrupt within the interval is delayed");
-        let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(s.itr_timer()), events: libc::POLLIN, revents: 0 };
+        assert!(
+            !irq.asserted(),
+            "second interrupt within the interval is delayed"
+        );
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(s.itr_timer()),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 2000) }, 1);
         assert!(s.itr_timer().drain());

@@ -51,7 +51,14 @@ pub fn count_rx(regs: &mut [u32], dst: &[u8], wire_len: usize) {
 }
 
 /// Records `frames` transmitted frames; `first_len` excludes the FCS.
-pub fn count_tx(regs: &mut [u32], dst: &[u8], frames: u32, bytes: u64, first_len: usize, tso: bool) {
+pub fn count_tx(
+    regs: &mut [u32],
+    dst: &[u8],
+    frames: u32,
+    bytes: u64,
+    first_len: usize,
+    tso: bool,
+) {
     if frames == 0 {
         return;
     }
@@ -122,13 +129,21 @@ impl DeviceCounters {
 
     #[cfg(test)]
     pub fn drops_for(&self, reason: &str) -> u64 {
-        self.drops.iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| *n)
+        self.drops
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
     }
 
     pub fn summary(&self) -> String {
         let mut s = format!(
             "tx {} frames/{} bytes, rx {} frames/{} bytes, {} interrupts, rx_filtered={}",
-            self.tx_frames, self.tx_bytes, self.rx_frames, self.rx_bytes, self.interrupts, self.rx_filtered
+            self.tx_frames,
+            self.tx_bytes,
+            self.rx_frames,
+            self.rx_bytes,
+            self.interrupts,
+            self.rx_filtered
         );
         for (reason, n) in &self.drops {
             let _ = write!(s, ", {reason}={n}");

@@ -14,9 +14,15 @@ use crate::interrupt::TestIrqLine;
 use crate::pci::{PciDevice, PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 
 use super::eeprom::EEPROM_SUM;
-use super::phy::{ANAR, ANLPAR, BMCR, BMCR_ANENABLE, BMCR_ANRESTART, BMCR_RESET, BMSR, BMSR_LSTATUS, GBCR, GBSR, M88_EXT_SPEC_CTRL, M88_SPEC_CTRL, M88_SPEC_STATUS, PHY_ID1, PHY_ID2};
+use super::phy::{
+    ANAR, ANLPAR, BMCR, BMCR_ANENABLE, BMCR_ANRESTART, BMCR_RESET, BMSR, BMSR_LSTATUS, GBCR, GBSR,
+    M88_EXT_SPEC_CTRL, M88_SPEC_CTRL, M88_SPEC_STATUS, PHY_ID1, PHY_ID2,
+};
 use super::registers::*;
-use super::tx::{CMD_DEXT, CMD_EOP, CMD_RS, CMD_TSE, CMD_VLE, POPTS_IXSM, POPTS_TXSM, TUCMD_IP, TUCMD_TCP, TUCMD_TSE};
+use super::tx::{
+    CMD_DEXT, CMD_EOP, CMD_RS, CMD_TSE, CMD_VLE, POPTS_IXSM, POPTS_TXSM, TUCMD_IP, TUCMD_TCP,
+    TUCMD_TSE,
+};
 use super::{E1000, IO_BAR, MMIO_BAR};
 
 pub const MEM_SIZE: usize = 2 << 20;
@@ -48,8 +54,21 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 #[derive(Clone, Copy, Debug)]
 pub enum TxOffload {
     None,
-    Checksum { css: u8, cso: u8, tcp: bool },
-    Tso { ipcss: u8, ipcso: u8, ipcse: u16, tucss: u8, tucso: u8, hdr_len: u8, mss: u16, ipv4: bool },
+    Checksum {
+        css: u8,
+        cso: u8,
+        tcp: bool,
+    },
+    Tso {
+        ipcss: u8,
+        ipcso: u8,
+        ipcse: u16,
+        tucss: u8,
+        tucso: u8,
+        hdr_len: u8,
+        mss: u16,
+        ipv4: bool,
+    },
 }
 
 /// One received frame as the driver sees it in the descriptor.
@@ -112,7 +131,8 @@ impl TestDriver {
     }
 
     pub fn ew32(&mut self, reg: u32, value: u32) {
-        self.dev.bar_write(MMIO_BAR, u64::from(reg), &value.to_le_bytes());
+        self.dev
+            .bar_write(MMIO_BAR, u64::from(reg), &value.to_le_bytes());
     }
 
     fn flush(&mut self) {
@@ -135,7 +155,10 @@ impl TestDriver {
     // ---- PHY (e1000_read_phy_reg_ex / e1000_write_phy_reg_ex) ----
 
     pub fn read_phy(&mut self, reg: usize) -> Result<u16, &'static str> {
-        self.ew32(MDIC, ((reg as u32) << MDIC_REG_SHIFT) | (PHY_ADDR << MDIC_PHY_SHIFT) | MDIC_OP_READ);
+        self.ew32(
+            MDIC,
+            ((reg as u32) << MDIC_REG_SHIFT) | (PHY_ADDR << MDIC_PHY_SHIFT) | MDIC_OP_READ,
+        );
         for _ in 0..64 {
             let mdic = self.er32(MDIC);
             if mdic & MDIC_READY != 0 {
@@ -149,7 +172,13 @@ impl TestDriver {
     }
 
     pub fn write_phy(&mut self, reg: usize, value: u16) -> Result<(), &'static str> {
-        self.ew32(MDIC, u32::from(value) | ((reg as u32) << MDIC_REG_SHIFT) | (PHY_ADDR << MDIC_PHY_SHIFT) | MDIC_OP_WRITE);
+        self.ew32(
+            MDIC,
+            u32::from(value)
+                | ((reg as u32) << MDIC_REG_SHIFT)
+                | (PHY_ADDR << MDIC_PHY_SHIFT)
+                | MDIC_OP_WRITE,
+        );
         for _ in 0..641 {
             if self.er32(MDIC) & MDIC_READY != 0 {
                 return Ok(());
@@ -246,7 +275,10 @@ impl TestDriver {
         let mut id = [0u8; 4];
         self.dev.config_read(0, &mut id);
         assert_eq!(u32::from_le_bytes(id), 0x100e_8086);
-        self.dev.config_write(PCI_COMMAND, &(PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER).to_le_bytes());
+        self.dev.config_write(
+            PCI_COMMAND,
+            &(PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER).to_le_bytes(),
+        );
         // e1000_init_hw_struct: media type and bus info come from STATUS.
         let status = self.er32(STATUS);
         assert_eq!(status & (1 << 5), 0, "copper, not TBI");
@@ -318,11 +350,13 @@ impl TestDriver {
         let ctrl = self.er32(CTRL);
         self.ew32(CTRL, (ctrl | CTRL_SLU) & !((1 << 11) | (1 << 12)));
         // e1000_detect_gig_phy
-        let id = u32::from(self.read_phy(PHY_ID1).unwrap()) << 16 | u32::from(self.read_phy(PHY_ID2).unwrap() & 0xfff0);
+        let id = u32::from(self.read_phy(PHY_ID1).unwrap()) << 16
+            | u32::from(self.read_phy(PHY_ID2).unwrap() & 0xfff0);
         assert_eq!(id, 0x0141_0c20, "M88E1011_I_PHY_ID");
         // e1000_copper_link_mgp_setup
         let pscr = self.read_phy(M88_SPEC_CTRL).unwrap();
-        self.write_phy(M88_SPEC_CTRL, (pscr | 0x0800) | 0x0060).unwrap();
+        self.write_phy(M88_SPEC_CTRL, (pscr | 0x0800) | 0x0060)
+            .unwrap();
         let epscr = self.read_phy(M88_EXT_SPEC_CTRL).unwrap();
         self.write_phy(M88_EXT_SPEC_CTRL, epscr | 0x0070).unwrap();
         let bmcr = self.read_phy(BMCR).unwrap();
@@ -333,7 +367,8 @@ impl TestDriver {
         self.write_phy(ANAR, (anar & !0x01e0) | 0x01e0).unwrap();
         self.write_phy(GBCR, (gbcr & !0x0300) | 0x0200).unwrap();
         let bmcr = self.read_phy(BMCR).unwrap();
-        self.write_phy(BMCR, bmcr | BMCR_ANENABLE | BMCR_ANRESTART).unwrap();
+        self.write_phy(BMCR, bmcr | BMCR_ANENABLE | BMCR_ANRESTART)
+            .unwrap();
         // Link check: PHY status twice, then post-config.
         self.read_phy(BMSR).unwrap();
         let bmsr = self.read_phy(BMSR).unwrap();
@@ -421,7 +456,12 @@ impl TestDriver {
         let tctl = self.er32(TCTL) & !(0xff << 4);
         self.ew32(TCTL, tctl | TCTL_PSP | (1 << 24) | (0x0f << 4));
         // Clear the ring memory as dma_alloc_coherent + memset do.
-        self.mem.write_slice(&vec![0u8; self.tx_count as usize * 16], GuestAddress(TX_RING)).unwrap();
+        self.mem
+            .write_slice(
+                &vec![0u8; self.tx_count as usize * 16],
+                GuestAddress(TX_RING),
+            )
+            .unwrap();
     }
 
     /// e1000_setup_rctl (2048-byte buffers unless `jumbo`, then 4096 with LPE).
@@ -472,7 +512,9 @@ impl TestDriver {
     pub fn write_rx_descriptor(&self, index: u32, buffer: u64) {
         let mut desc = [0u8; 16];
         desc[..8].copy_from_slice(&buffer.to_le_bytes());
-        self.mem.write_slice(&desc, GuestAddress(RX_RING + u64::from(index) * 16)).unwrap();
+        self.mem
+            .write_slice(&desc, GuestAddress(RX_RING + u64::from(index) * 16))
+            .unwrap();
     }
 
     // ---- interrupts ----
@@ -497,7 +539,10 @@ impl TestDriver {
         let bmsr = self.read_phy(BMSR).unwrap();
         assert_ne!(bmsr & BMSR_LSTATUS, 0, "PHY reports link");
         let status = self.er32(STATUS);
-        assert_eq!(status & (STATUS_LU | STATUS_FD | STATUS_SPEED_1000), STATUS_LU | STATUS_FD | STATUS_SPEED_1000);
+        assert_eq!(
+            status & (STATUS_LU | STATUS_FD | STATUS_SPEED_1000),
+            STATUS_LU | STATUS_FD | STATUS_SPEED_1000
+        );
         let tctl = self.er32(TCTL);
         self.ew32(TCTL, tctl | TCTL_EN);
         self.irq_enable();
@@ -510,11 +555,15 @@ impl TestDriver {
     }
 
     pub fn write_tx_descriptor(&self, index: u32, raw: &[u8; 16]) {
-        self.mem.write_slice(raw, GuestAddress(self.tx_descriptor_address(index))).unwrap();
+        self.mem
+            .write_slice(raw, GuestAddress(self.tx_descriptor_address(index)))
+            .unwrap();
     }
 
     pub fn tx_status(&self, index: u32) -> u8 {
-        self.mem.read_obj(GuestAddress(self.tx_descriptor_address(index) + 12)).unwrap()
+        self.mem
+            .read_obj(GuestAddress(self.tx_descriptor_address(index) + 12))
+            .unwrap()
     }
 
     fn stage(&mut self, data: &[u8]) -> u64 {
@@ -531,7 +580,13 @@ impl TestDriver {
     /// Queues descriptors for `frame` like e1000_xmit_frame (without writing TDT):
     /// a context descriptor when offloading, then buffers of at most `chunk` bytes.
     /// Returns the index of the EOP descriptor.
-    pub fn queue_frame(&mut self, frame: &[u8], offload: TxOffload, chunk: usize, vlan: Option<u16>) -> u32 {
+    pub fn queue_frame(
+        &mut self,
+        frame: &[u8],
+        offload: TxOffload,
+        chunk: usize,
+        vlan: Option<u16>,
+    ) -> u32 {
         let (mut lower_cmd, mut popts) = (0u8, 0u8);
         match offload {
             TxOffload::None => {}
@@ -545,7 +600,16 @@ impl TestDriver {
                 lower_cmd = CMD_DEXT;
                 popts = POPTS_TXSM;
             }
-            TxOffload::Tso { ipcss, ipcso, ipcse, tucss, tucso, hdr_len, mss, ipv4 } => {
+            TxOffload::Tso {
+                ipcss,
+                ipcso,
+                ipcse,
+                tucss,
+                tucso,
+                hdr_len,
+                mss,
+                ipv4,
+            } => {
                 let mut ctx = [0u8; 16];
                 ctx[0] = ipcss;
                 ctx[1] = ipcso;
@@ -566,7 +630,11 @@ impl TestDriver {
         if vlan.is_some() {
             lower_cmd |= CMD_VLE;
         }
-        let pieces: Vec<&[u8]> = if frame.is_empty() { vec![frame] } else { frame.chunks(chunk.max(1)).collect() };
+        let pieces: Vec<&[u8]> = if frame.is_empty() {
+            vec![frame]
+        } else {
+            frame.chunks(chunk.max(1)).collect()
+        };
         let mut last = self.tx_next;
         for (i, piece) in pieces.iter().enumerate() {
             let addr = self.stage(piece);
@@ -614,7 +682,9 @@ impl TestDriver {
 
     pub fn rx_descriptor(&self, index: u32) -> [u8; 16] {
         let mut raw = [0u8; 16];
-        self.mem.read_slice(&mut raw, GuestAddress(RX_RING + u64::from(index) * 16)).unwrap();
+        self.mem
+            .read_slice(&mut raw, GuestAddress(RX_RING + u64::from(index) * 16))
+            .unwrap();
         raw
     }
 
@@ -626,12 +696,16 @@ impl TestDriver {
         let mut descriptors = 0;
         loop {
             let index = self.rx_next;
-            wait_for("RX descriptor done", || self.rx_descriptor(index)[12] & 1 == 1);
+            wait_for("RX descriptor done", || {
+                self.rx_descriptor(index)[12] & 1 == 1
+            });
             let raw = self.rx_descriptor(index);
             let len = usize::from(u16::from_le_bytes([raw[8], raw[9]]));
             let buffer = u64::from_le_bytes(raw[..8].try_into().unwrap());
             let mut chunk = vec![0u8; len];
-            self.mem.read_slice(&mut chunk, GuestAddress(buffer)).unwrap();
+            self.mem
+                .read_slice(&mut chunk, GuestAddress(buffer))
+                .unwrap();
             data.extend_from_slice(&chunk);
             descriptors += 1;
             // Give the buffer back: clear the status and move the tail.

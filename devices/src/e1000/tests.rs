@@ -6,7 +6,10 @@ use std::time::Duration;
 use tapir_net::backend::{Offloads, VnetHdr};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::pci::{PciDevice, PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, PCI_STATUS, PCI_STATUS_INTERRUPT};
+use crate::pci::{
+    PciDevice, PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY,
+    PCI_STATUS, PCI_STATUS_INTERRUPT,
+};
 
 use super::checksum::{self, tests::tcp4_frame, ETHERTYPE_VLAN};
 use super::registers::*;
@@ -25,7 +28,9 @@ fn wait_drop(d: &TestDriver, reason: &str, at_least: u64) {
 
 /// A broadcast frame of `len` bytes with recognisable contents.
 fn broadcast_frame(len: usize, seed: u8) -> Vec<u8> {
-    let mut f: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed)).collect();
+    let mut f: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect();
     if len >= 14 {
         f[..6].copy_from_slice(&[0xff; 6]);
         f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
@@ -41,7 +46,16 @@ fn frame_to(mac: [u8; 6], payload: usize) -> Vec<u8> {
 }
 
 fn tso_offload(mss: u16) -> TxOffload {
-    TxOffload::Tso { ipcss: 14, ipcso: 24, ipcse: 33, tucss: 34, tucso: 50, hdr_len: 54, mss, ipv4: true }
+    TxOffload::Tso {
+        ipcss: 14,
+        ipcso: 24,
+        ipcse: 33,
+        tucss: 34,
+        tucso: 50,
+        hdr_len: 54,
+        mss,
+        ipv4: true,
+    }
 }
 
 // ---- probe, open, data path ----
@@ -77,7 +91,11 @@ fn eerd_gives_the_same_mac_as_bit_banging() {
 fn transmitted_frames_reach_the_backend_byte_exact_with_interrupts() {
     let mut d = TestDriver::opened(Offloads::NONE);
     let edges = d.irq.rising_edges();
-    let frames: Vec<Vec<u8>> = vec![broadcast_frame(60, 1), broadcast_frame(1514, 2), broadcast_frame(9000, 3)];
+    let frames: Vec<Vec<u8>> = vec![
+        broadcast_frame(60, 1),
+        broadcast_frame(1514, 2),
+        broadcast_frame(9000, 3),
+    ];
     let mut last = 0;
     for f in &frames {
         last = d.xmit(f, TxOffload::None);
@@ -127,7 +145,14 @@ fn checksum_offload_is_done_in_software_for_a_plain_backend() {
     let loc = checksum::locate_l4(&partial, ETHERTYPE_VLAN).unwrap();
     let seed = checksum::fold(checksum::pseudo_header(&partial, &loc).unwrap());
     partial[50..52].copy_from_slice(&seed.to_be_bytes());
-    let eop = d.xmit(&partial, TxOffload::Checksum { css: 34, cso: 50, tcp: true });
+    let eop = d.xmit(
+        &partial,
+        TxOffload::Checksum {
+            css: 34,
+            cso: 50,
+            tcp: true,
+        },
+    );
     d.wait_tx_done(eop);
     let sent = d.backend.take_sent();
     assert_eq!(sent.len(), 1);
@@ -137,9 +162,19 @@ fn checksum_offload_is_done_in_software_for_a_plain_backend() {
 
 #[test]
 fn checksum_offload_is_passed_to_a_capable_backend() {
-    let mut d = TestDriver::opened(Offloads { csum: true, ..Offloads::NONE });
+    let mut d = TestDriver::opened(Offloads {
+        csum: true,
+        ..Offloads::NONE
+    });
     let frame = tcp4_frame(300);
-    let eop = d.xmit(&frame, TxOffload::Checksum { css: 34, cso: 50, tcp: true });
+    let eop = d.xmit(
+        &frame,
+        TxOffload::Checksum {
+            css: 34,
+            cso: 50,
+            tcp: true,
+        },
+    );
     d.wait_tx_done(eop);
     let sent = d.backend.take_sent();
     assert_eq!(sent[0].0.flags, VnetHdr::FLAG_NEEDS_CSUM);
@@ -160,9 +195,17 @@ fn tso_is_segmented_in_software_for_a_plain_backend() {
     for (i, (hdr, seg)) in sent.iter().enumerate() {
         assert!(hdr.is_plain());
         assert!(seg.len() <= 54 + 1448);
-        assert_eq!(checksum::ipv4_header_ok(seg, 14), Some(true), "IP checksum of segment {i}");
+        assert_eq!(
+            checksum::ipv4_header_ok(seg, 14),
+            Some(true),
+            "IP checksum of segment {i}"
+        );
         let loc = checksum::locate_l4(seg, ETHERTYPE_VLAN).unwrap();
-        assert_eq!(checksum::l4_ok(seg, &loc), Some(true), "TCP checksum of segment {i}");
+        assert_eq!(
+            checksum::l4_ok(seg, &loc),
+            Some(true),
+            "TCP checksum of segment {i}"
+        );
         assert_eq!(checksum::read_u32(seg, 38), Some(1000 + 1448 * i as u32));
         assert_eq!(&seg[..14], &original[..14]);
         payload.extend_from_slice(&seg[54..]);
@@ -174,7 +217,12 @@ fn tso_is_segmented_in_software_for_a_plain_backend() {
 
 #[test]
 fn tso_is_passed_through_to_a_tso_backend() {
-    let mut d = TestDriver::opened(Offloads { csum: true, tso4: true, tso6: true, ..Offloads::NONE });
+    let mut d = TestDriver::opened(Offloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        ..Offloads::NONE
+    });
     let (request, _) = linux_tso_request(10_000, 1448);
     let eop = d.xmit(&request, tso_offload(1448));
     d.wait_tx_done(eop);
@@ -213,7 +261,10 @@ fn received_frames_land_in_buffers_with_status_and_interrupt() {
     assert_eq!(rx.data.len(), tcp.len() + 4, "length includes the FCS");
     assert_eq!(&rx.data[..tcp.len()], &tcp[..]);
     assert_eq!(&rx.data[tcp.len()..], &crc32(&tcp).to_le_bytes());
-    assert_eq!(rx.status & (STA_EOP | STA_TCPCS | STA_IPCS), STA_EOP | STA_TCPCS | STA_IPCS);
+    assert_eq!(
+        rx.status & (STA_EOP | STA_TCPCS | STA_IPCS),
+        STA_EOP | STA_TCPCS | STA_IPCS
+    );
     assert_eq!(rx.errors, 0);
     wait_for("RX interrupt", || d.irq.asserted());
     assert!(d.irq.rising_edges() > edges);
@@ -236,14 +287,30 @@ fn received_frames_land_in_buffers_with_status_and_interrupt() {
 
 #[test]
 fn partial_checksums_from_the_backend_are_completed() {
-    let mut d = TestDriver::opened(Offloads { csum: true, tso4: true, ..Offloads::NONE });
-    assert_eq!(d.backend.rx_offloads(), Offloads { csum: true, ..Offloads::NONE }, "no GSO on receive");
+    let mut d = TestDriver::opened(Offloads {
+        csum: true,
+        tso4: true,
+        ..Offloads::NONE
+    });
+    assert_eq!(
+        d.backend.rx_offloads(),
+        Offloads {
+            csum: true,
+            ..Offloads::NONE
+        },
+        "no GSO on receive"
+    );
     let good = frame_to(d.mac, 500);
     let mut partial = good.clone();
     let loc = checksum::locate_l4(&partial, ETHERTYPE_VLAN).unwrap();
     let seed = checksum::fold(checksum::pseudo_header(&partial, &loc).unwrap());
     partial[50..52].copy_from_slice(&seed.to_be_bytes());
-    let hdr = VnetHdr { flags: VnetHdr::FLAG_NEEDS_CSUM, csum_start: 34, csum_offset: 16, ..Default::default() };
+    let hdr = VnetHdr {
+        flags: VnetHdr::FLAG_NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        ..Default::default()
+    };
     d.backend.inject(hdr, &partial);
     let rx = d.receive();
     assert_eq!(&rx.data[..good.len()], &good[..]);
@@ -302,7 +369,8 @@ fn receive_waits_for_buffers_instead_of_dropping() {
     d.open();
     // Seven descriptors are posted; send twenty frames.
     for i in 0..20u8 {
-        d.backend.inject(VnetHdr::default(), &broadcast_frame(100, i));
+        d.backend
+            .inject(VnetHdr::default(), &broadcast_frame(100, i));
     }
     for i in 0..20u8 {
         let rx = d.receive();
@@ -320,12 +388,16 @@ fn link_changes_raise_lsc() {
     let mut d = TestDriver::opened(Offloads::NONE);
     d.backend.set_link_up(false);
     // The worker notices on its next wake-up.
-    d.backend.inject(VnetHdr::default(), &broadcast_frame(60, 0));
+    d.backend
+        .inject(VnetHdr::default(), &broadcast_frame(60, 0));
     wait_for("LSC interrupt", || d.irq.asserted());
     let icr = d.intr();
     assert_ne!(icr & ICR_LSC, 0);
     assert_eq!(d.er32(STATUS) & STATUS_LU, 0);
-    assert_eq!(d.read_phy(super::phy::BMSR).unwrap() & super::phy::BMSR_LSTATUS, 0);
+    assert_eq!(
+        d.read_phy(super::phy::BMSR).unwrap() & super::phy::BMSR_LSTATUS,
+        0
+    );
 }
 
 #[test]
@@ -342,7 +414,11 @@ fn interrupt_throttling_spaces_interrupts() {
     let eop = d.xmit(&frame, TxOffload::None);
     d.wait_tx_done(eop);
     wait_for("throttled interrupt", || d.irq.asserted());
-    assert!(first.elapsed() >= Duration::from_millis(4), "second interrupt came after {:?}", first.elapsed());
+    assert!(
+        first.elapsed() >= Duration::from_millis(4),
+        "second interrupt came after {:?}",
+        first.elapsed()
+    );
 }
 
 #[test]
@@ -412,7 +488,8 @@ fn tx_tail_beyond_the_ring_stops_transmit_until_fixed() {
 fn rx_tail_beyond_the_ring_drops_and_counts() {
     let mut d = TestDriver::opened(Offloads::NONE);
     d.ew32(RDT, 0xffff);
-    d.backend.inject(VnetHdr::default(), &broadcast_frame(60, 1));
+    d.backend
+        .inject(VnetHdr::default(), &broadcast_frame(60, 1));
     wait_drop(&d, "rx_ring_invalid", 1);
     assert_eq!(d.rx_descriptor(0)[12], 0, "nothing written");
 }
@@ -423,7 +500,8 @@ fn zero_length_rings_are_refused() {
     d.ew32(TDLEN, 0);
     d.ew32(TDT, 3);
     d.ew32(RDLEN, 0x7f);
-    d.backend.inject(VnetHdr::default(), &broadcast_frame(60, 1));
+    d.backend
+        .inject(VnetHdr::default(), &broadcast_frame(60, 1));
     wait_drop(&d, "tx_ring_invalid", 1);
     wait_drop(&d, "rx_ring_invalid", 1);
     assert!(d.backend.take_sent().is_empty());
@@ -462,23 +540,30 @@ fn tx_ring_outside_guest_memory_stops_transmit() {
     d.ew32(TDT, 5);
     wait_drop(&d, "tx_descriptor_unreadable", 2);
     // Unrelated wake-ups (a received frame) do not count the same fault again.
-    d.backend.inject(VnetHdr::default(), &broadcast_frame(60, 1));
+    d.backend
+        .inject(VnetHdr::default(), &broadcast_frame(60, 1));
     d.receive();
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(drops(&d, "tx_descriptor_unreadable"), 2, "counted once per new tail");
+    assert_eq!(
+        drops(&d, "tx_descriptor_unreadable"),
+        2,
+        "counted once per new tail"
+    );
 }
 
 #[test]
 fn rx_buffers_outside_guest_memory_return_error_descriptors() {
     let mut d = TestDriver::opened(Offloads::NONE);
     d.write_rx_descriptor(0, 0xdead_0000_0000);
-    d.backend.inject(VnetHdr::default(), &broadcast_frame(100, 1));
+    d.backend
+        .inject(VnetHdr::default(), &broadcast_frame(100, 1));
     let rx = d.receive();
     assert_ne!(rx.errors & super::rx::ERR_RXE, 0);
     assert!(rx.data.is_empty());
     assert_eq!(drops(&d, "rx_bad_address"), 1);
     // The next frame uses a good buffer again.
-    d.backend.inject(VnetHdr::default(), &broadcast_frame(100, 2));
+    d.backend
+        .inject(VnetHdr::default(), &broadcast_frame(100, 2));
     let rx = d.receive();
     assert_eq!(&rx.data[..100], &broadcast_frame(100, 2)[..]);
 }
@@ -490,7 +575,8 @@ fn rx_ring_base_outside_guest_memory_drops_frames() {
     d.ew32(RDBAH, 0x7fff);
     d.ew32(RDH, 0);
     d.ew32(RDT, 10);
-    d.backend.inject(VnetHdr::default(), &broadcast_frame(100, 1));
+    d.backend
+        .inject(VnetHdr::default(), &broadcast_frame(100, 1));
     wait_drop(&d, "rx_bad_address", 1);
 }
 
@@ -499,12 +585,66 @@ fn absurd_tso_contexts_are_dropped_and_counted() {
     let mut d = TestDriver::opened(Offloads::NONE);
     let (request, _) = linux_tso_request(3000, 1000);
     let cases = [
-        TxOffload::Tso { ipcss: 14, ipcso: 24, ipcse: 33, tucss: 34, tucso: 50, hdr_len: 54, mss: 0, ipv4: true },
-        TxOffload::Tso { ipcss: 14, ipcso: 24, ipcse: 33, tucss: 34, tucso: 50, hdr_len: 54, mss: 1, ipv4: true },
-        TxOffload::Tso { ipcss: 14, ipcso: 24, ipcse: 33, tucss: 34, tucso: 50, hdr_len: 54, mss: 0xffff, ipv4: true },
-        TxOffload::Tso { ipcss: 14, ipcso: 24, ipcse: 33, tucss: 34, tucso: 50, hdr_len: 255, mss: 1000, ipv4: true },
-        TxOffload::Tso { ipcss: 14, ipcso: 24, ipcse: 33, tucss: 34, tucso: 50, hdr_len: 0, mss: 1000, ipv4: true },
-        TxOffload::Tso { ipcss: 200, ipcso: 250, ipcse: 0, tucss: 220, tucso: 240, hdr_len: 54, mss: 1000, ipv4: true },
+        TxOffload::Tso {
+            ipcss: 14,
+            ipcso: 24,
+            ipcse: 33,
+            tucss: 34,
+            tucso: 50,
+            hdr_len: 54,
+            mss: 0,
+            ipv4: true,
+        },
+        TxOffload::Tso {
+            ipcss: 14,
+            ipcso: 24,
+            ipcse: 33,
+            tucss: 34,
+            tucso: 50,
+            hdr_len: 54,
+            mss: 1,
+            ipv4: true,
+        },
+        TxOffload::Tso {
+            ipcss: 14,
+            ipcso: 24,
+            ipcse: 33,
+            tucss: 34,
+            tucso: 50,
+            hdr_len: 54,
+            mss: 0xffff,
+            ipv4: true,
+        },
+        TxOffload::Tso {
+            ipcss: 14,
+            ipcso: 24,
+            ipcse: 33,
+            tucss: 34,
+            tucso: 50,
+            hdr_len: 255,
+            mss: 1000,
+            ipv4: true,
+        },
+        TxOffload::Tso {
+            ipcss: 14,
+            ipcso: 24,
+            ipcse: 33,
+            tucss: 34,
+            tucso: 50,
+            hdr_len: 0,
+            mss: 1000,
+            ipv4: true,
+        },
+        TxOffload::Tso {
+            ipcss: 200,
+            ipcso: 250,
+            ipcse: 0,
+            tucss: 220,
+            tucso: 240,
+            hdr_len: 54,
+            mss: 1000,
+            ipv4: true,
+        },
     ];
     for offload in cases {
         let eop = d.xmit(&request, offload);
@@ -547,7 +687,9 @@ fn zero_length_descriptors_are_harmless() {
     let frame = broadcast_frame(200, 3);
     let first = d.queue_frame(&frame[..100], TxOffload::None, 4096, None);
     let mut raw = [0u8; 16];
-    d.mem.read_slice(&mut raw, GuestAddress(TX_RING + u64::from(first) * 16)).unwrap();
+    d.mem
+        .read_slice(&mut raw, GuestAddress(TX_RING + u64::from(first) * 16))
+        .unwrap();
     raw[11] &= !0x09;
     d.write_tx_descriptor(first, &raw);
     let mut empty = [0u8; 16];
@@ -609,7 +751,8 @@ fn rdlen_is_masked_to_whole_descriptor_blocks() {
     d.ew32(RDLEN, 1000);
     assert_eq!(d.er32(RDLEN), 896);
     for i in 0..60u8 {
-        d.backend.inject(VnetHdr::default(), &broadcast_frame(80, i));
+        d.backend
+            .inject(VnetHdr::default(), &broadcast_frame(80, i));
         let rx = d.receive();
         assert_eq!(&rx.data[..80], &broadcast_frame(80, i)[..]);
     }
@@ -619,7 +762,8 @@ fn rdlen_is_masked_to_whole_descriptor_blocks() {
 fn packets_larger_than_16k_are_dropped_both_ways() {
     let mut d = TestDriver::opened(Offloads::NONE);
     d.setup_rctl(true);
-    d.backend.inject(VnetHdr::default(), &broadcast_frame(20_000, 1));
+    d.backend
+        .inject(VnetHdr::default(), &broadcast_frame(20_000, 1));
     wait_drop(&d, "rx_oversize", 1);
     assert_eq!(d.er32(ROC), 1);
     let eop = d.xmit(&broadcast_frame(20_000, 2), TxOffload::None);
@@ -628,7 +772,8 @@ fn packets_larger_than_16k_are_dropped_both_ways() {
     assert!(d.backend.take_sent().is_empty());
     // Without LPE, a 1600-byte frame is already too long.
     d.setup_rctl(false);
-    d.backend.inject(VnetHdr::default(), &broadcast_frame(1600, 3));
+    d.backend
+        .inject(VnetHdr::default(), &broadcast_frame(1600, 3));
     wait_drop(&d, "rx_oversize", 2);
 }
 
@@ -670,15 +815,33 @@ fn odd_sized_and_unaligned_accesses_do_not_panic() {
     d.dev.config_write(252, &buf);
     // An 8-byte read covers two registers.
     d.dev.bar_read(MMIO_BAR, u64::from(RDBAL), &mut buf);
-    assert_eq!(u32::from_le_bytes(buf[..4].try_into().unwrap()), RX_RING as u32);
+    assert_eq!(
+        u32::from_le_bytes(buf[..4].try_into().unwrap()),
+        RX_RING as u32
+    );
 }
 
 #[test]
 fn unexpected_gso_and_bad_vnet_headers_from_the_backend() {
-    let mut d = TestDriver::opened(Offloads { csum: true, ..Offloads::NONE });
+    let mut d = TestDriver::opened(Offloads {
+        csum: true,
+        ..Offloads::NONE
+    });
     let frame = frame_to(d.mac, 3000);
-    d.backend.inject(VnetHdr { gso_type: VnetHdr::GSO_TCPV4, gso_size: 1448, ..Default::default() }, &frame);
-    let bad = VnetHdr { flags: VnetHdr::FLAG_NEEDS_CSUM, csum_start: 60000, csum_offset: 16, ..Default::default() };
+    d.backend.inject(
+        VnetHdr {
+            gso_type: VnetHdr::GSO_TCPV4,
+            gso_size: 1448,
+            ..Default::default()
+        },
+        &frame,
+    );
+    let bad = VnetHdr {
+        flags: VnetHdr::FLAG_NEEDS_CSUM,
+        csum_start: 60000,
+        csum_offset: 16,
+        ..Default::default()
+    };
     d.backend.inject(bad, &frame_to(d.mac, 10));
     wait_drop(&d, "rx_unexpected_gso", 1);
     wait_drop(&d, "rx_bad_vnet_hdr", 1);
@@ -691,7 +854,8 @@ fn unexpected_gso_and_bad_vnet_headers_from_the_backend() {
 fn reset_during_traffic_is_safe() {
     let mut d = TestDriver::opened(Offloads::NONE);
     for i in 0..50u8 {
-        d.backend.inject(VnetHdr::default(), &broadcast_frame(500, i));
+        d.backend
+            .inject(VnetHdr::default(), &broadcast_frame(500, i));
         d.queue_frame(&broadcast_frame(500, i), TxOffload::None, 128, None);
     }
     d.ew32(TDT, d.tx_next);
@@ -707,7 +871,11 @@ fn reset_during_traffic_is_safe() {
 
 #[test]
 fn random_register_and_descriptor_garbage_does_not_panic() {
-    let mut d = TestDriver::opened(Offloads { csum: true, tso4: true, ..Offloads::NONE });
+    let mut d = TestDriver::opened(Offloads {
+        csum: true,
+        tso4: true,
+        ..Offloads::NONE
+    });
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -724,10 +892,15 @@ fn random_register_and_descriptor_garbage_does_not_panic() {
             raw[..8].copy_from_slice(&(next() % MEM_SIZE as u64).to_le_bytes());
         }
         d.write_tx_descriptor(i, &raw);
-        d.mem.write_slice(&raw, GuestAddress(RX_RING + u64::from(i) * 16)).unwrap();
+        d.mem
+            .write_slice(&raw, GuestAddress(RX_RING + u64::from(i) * 16))
+            .unwrap();
     }
     d.ew32(TDT, RING_LEN - 1);
-    let registers = [CTRL, RCTL, TCTL, RDT, TDT, RDH, TDH, RDLEN, TDLEN, ITR, IMS, IMC, ICS, ICR, EECD, EERD, MDIC, RXCSUM];
+    let registers = [
+        CTRL, RCTL, TCTL, RDT, TDT, RDH, TDH, RDLEN, TDLEN, ITR, IMS, IMC, ICS, ICR, EECD, EERD,
+        MDIC, RXCSUM,
+    ];
     for _ in 0..3000 {
         let r = next();
         let reg = registers[(r % registers.len() as u64) as usize];
@@ -741,7 +914,12 @@ fn random_register_and_descriptor_garbage_does_not_panic() {
         }
         if r % 7 == 0 {
             let len = (next() % 2000) as usize + 1;
-            let hdr = VnetHdr { flags: (next() % 4) as u8, csum_start: (next() % 3000) as u16, csum_offset: (next() % 100) as u16, ..Default::default() };
+            let hdr = VnetHdr {
+                flags: (next() % 4) as u8,
+                csum_start: (next() % 3000) as u16,
+                csum_offset: (next() % 100) as u16,
+                ..Default::default()
+            };
             d.backend.inject(hdr, &broadcast_frame(len, r as u8));
         }
     }

@@ -74,17 +74,34 @@ impl TxContext {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TxDescriptor {
-    Legacy { addr: u64, len: u16, cso: u8, cmd: u8, css: u8, special: u16 },
+    Legacy {
+        addr: u64,
+        len: u16,
+        cso: u8,
+        cmd: u8,
+        css: u8,
+        special: u16,
+    },
     Context(TxContext),
-    Data { addr: u64, len: u32, dcmd: u8, popts: u8, special: u16 },
+    Data {
+        addr: u64,
+        len: u32,
+        dcmd: u8,
+        popts: u8,
+        special: u16,
+    },
     /// An extended descriptor with a type the 82540 does not define.
-    Reserved { cmd: u8 },
+    Reserved {
+        cmd: u8,
+    },
 }
 
 impl TxDescriptor {
     pub fn parse(raw: &[u8; 16]) -> TxDescriptor {
         let u16_at = |i: usize| u16::from_le_bytes([raw[i], raw[i + 1]]);
-        let addr = u64::from_le_bytes([raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7]]);
+        let addr = u64::from_le_bytes([
+            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
+        ]);
         let cmd = raw[11];
         if cmd & CMD_DEXT == 0 {
             return TxDescriptor::Legacy {
@@ -110,7 +127,13 @@ impl TxDescriptor {
                 hdr_len: raw[13],
                 mss: u16_at(14),
             }),
-            DTYP_DATA => TxDescriptor::Data { addr, len: len20, dcmd: cmd, popts: raw[13], special: u16_at(14) },
+            DTYP_DATA => TxDescriptor::Data {
+                addr,
+                len: len20,
+                dcmd: cmd,
+                popts: raw[13],
+                special: u16_at(14),
+            },
             _ => TxDescriptor::Reserved { cmd },
         }
     }
@@ -135,9 +158,20 @@ impl TxDescriptor {
 pub enum Offload {
     None,
     /// Legacy descriptor checksum: sum from `css` to the end, store at `cso`.
-    Legacy { css: u8, cso: u8 },
-    Checksum { ctx: TxContext, ip: bool, l4: bool },
-    Tso { ctx: TxContext, ip: bool, l4: bool },
+    Legacy {
+        css: u8,
+        cso: u8,
+    },
+    Checksum {
+        ctx: TxContext,
+        ip: bool,
+        l4: bool,
+    },
+    Tso {
+        ctx: TxContext,
+        ip: bool,
+        l4: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,7 +247,9 @@ pub fn transmit(
         return Err(TxError::Empty);
     }
     match meta.offload {
-        Offload::Tso { ctx, ip, l4 } => transmit_tso(frame, &ctx, ip, l4, meta.vlan, caps, scratch, emit),
+        Offload::Tso { ctx, ip, l4 } => {
+            transmit_tso(frame, &ctx, ip, l4, meta.vlan, caps, scratch, emit)
+        }
         _ if frame.len() > MAX_PLAIN_FRAME => Err(TxError::Oversize),
         Offload::None => Ok(send_one(frame, VnetHdr::default(), meta.vlan, caps, emit)),
         Offload::Legacy { css, cso } => {
@@ -250,15 +286,33 @@ fn end_of(ipcse_or_tucse: u16) -> Option<usize> {
 }
 
 fn insert_ip_checksum(frame: &mut [u8], ctx: &TxContext) -> bool {
-    checksum::insert(frame, usize::from(ctx.ipcss), end_of(ctx.ipcse), usize::from(ctx.ipcso), 0)
+    checksum::insert(
+        frame,
+        usize::from(ctx.ipcss),
+        end_of(ctx.ipcse),
+        usize::from(ctx.ipcso),
+        0,
+    )
 }
 
 fn insert_l4_checksum(frame: &mut [u8], ctx: &TxContext, extra: u64) -> bool {
-    checksum::insert(frame, usize::from(ctx.tucss), end_of(ctx.tucse), usize::from(ctx.tucso), extra)
+    checksum::insert(
+        frame,
+        usize::from(ctx.tucss),
+        end_of(ctx.tucse),
+        usize::from(ctx.tucso),
+        extra,
+    )
 }
 
 /// Pads, tags and emits one finished frame.
-fn send_one(frame: &mut Vec<u8>, mut hdr: VnetHdr, vlan: Option<u16>, caps: &TxCaps, emit: &mut Emit<'_>) -> TxSummary {
+fn send_one(
+    frame: &mut Vec<u8>,
+    mut hdr: VnetHdr,
+    vlan: Option<u16>,
+    caps: &TxCaps,
+    emit: &mut Emit<'_>,
+) -> TxSummary {
     if caps.pad_short && frame.len() < MIN_FRAME {
         frame.resize(MIN_FRAME, 0);
     }
@@ -290,7 +344,11 @@ fn send_one(frame: &mut Vec<u8>, mut hdr: VnetHdr, vlan: Option<u16>, caps: &TxC
 fn validate_tso(frame: &[u8], ctx: &TxContext, ip: bool) -> Result<(), TxError> {
     let frame_len = frame.len();
     let hdr_len = usize::from(ctx.hdr_len);
-    let (ipcss, tucss, tucso) = (usize::from(ctx.ipcss), usize::from(ctx.tucss), usize::from(ctx.tucso));
+    let (ipcss, tucss, tucso) = (
+        usize::from(ctx.ipcss),
+        usize::from(ctx.tucss),
+        usize::from(ctx.tucso),
+    );
     let l4_header = if ctx.tcp() { 20 } else { 8 };
     let ip_header = if ctx.ipv4() { 20 } else { 40 };
     if hdr_len == 0
@@ -306,7 +364,11 @@ fn validate_tso(frame: &[u8], ctx: &TxContext, ip: bool) -> Result<(), TxError> 
     }
     // The header must end where the L4 header says it does (Linux sets hdr_len to the
     // transport offset plus tcp_hdrlen); anything else would copy payload as header.
-    let l4_len = if ctx.tcp() { frame.get(tucss + 12).map_or(0, |d| usize::from(d >> 4) * 4) } else { 8 };
+    let l4_len = if ctx.tcp() {
+        frame.get(tucss + 12).map_or(0, |d| usize::from(d >> 4) * 4)
+    } else {
+        8
+    };
     if l4_len < l4_header || tucss + l4_len != hdr_len {
         return Err(TxError::BadHeaderLength);
     }
@@ -336,8 +398,14 @@ fn transmit_tso(
     let hdr_len = usize::from(ctx.hdr_len);
     let mss = usize::from(ctx.mss);
     let payload = frame.len() - hdr_len;
-    let cwr = frame.get(usize::from(ctx.tucss) + 13).is_some_and(|f| f & TCP_FLAG_CWR != 0);
-    let backend_tso = if ctx.ipv4() { caps.offloads.tso4 } else { caps.offloads.tso6 };
+    let cwr = frame
+        .get(usize::from(ctx.tucss) + 13)
+        .is_some_and(|f| f & TCP_FLAG_CWR != 0);
+    let backend_tso = if ctx.ipv4() {
+        caps.offloads.tso4
+    } else {
+        caps.offloads.tso6
+    };
     let ip_len_fits = frame.len() - usize::from(ctx.ipcss) <= usize::from(u16::MAX);
     if l4
         && ctx.tcp()
@@ -381,7 +449,11 @@ fn pass_tso_through(
     let seed = u64::from(read_u16(frame, tucso).ok_or(TxError::BadHeaderLength)?);
     write_u16(frame, tucso, checksum::fold(seed + (len - tucss) as u64));
     let single = len - usize::from(ctx.hdr_len) <= usize::from(ctx.mss);
-    let mut gso_type = if ctx.ipv4() { VnetHdr::GSO_TCPV4 } else { VnetHdr::GSO_TCPV6 };
+    let mut gso_type = if ctx.ipv4() {
+        VnetHdr::GSO_TCPV4
+    } else {
+        VnetHdr::GSO_TCPV6
+    };
     if cwr {
         gso_type |= VnetHdr::GSO_ECN;
     }
@@ -426,10 +498,21 @@ fn segment_in_software(
     let (header, payload) = frame.split_at(hdr_len);
     let (ipcss, tucss) = (usize::from(ctx.ipcss), usize::from(ctx.tucss));
     let ip_id = read_u16(header, ipcss + 4).ok_or(TxError::BadHeaderLength)?;
-    let seq = if ctx.tcp() { read_u32(header, tucss + 4).ok_or(TxError::BadHeaderLength)? } else { 0 };
-    let chunks: Vec<&[u8]> = if payload.is_empty() { vec![&[][..]] } else { payload.chunks(mss).collect() };
+    let seq = if ctx.tcp() {
+        read_u32(header, tucss + 4).ok_or(TxError::BadHeaderLength)?
+    } else {
+        0
+    };
+    let chunks: Vec<&[u8]> = if payload.is_empty() {
+        vec![&[][..]]
+    } else {
+        payload.chunks(mss).collect()
+    };
     let count = chunks.len();
-    let mut summary = TxSummary { tso: true, ..Default::default() };
+    let mut summary = TxSummary {
+        tso: true,
+        ..Default::default()
+    };
     for (i, chunk) in chunks.into_iter().enumerate() {
         segment.clear();
         segment.extend_from_slice(header);
@@ -473,12 +556,20 @@ pub(crate) mod tests {
     use crate::e1000::checksum::{tests::tcp4_frame, ETHERTYPE_VLAN};
 
     fn caps(offloads: Offloads) -> TxCaps {
-        TxCaps { offloads, pad_short: true, vlan_ethertype: 0x8100 }
+        TxCaps {
+            offloads,
+            pad_short: true,
+            vlan_ethertype: 0x8100,
+        }
     }
 
     type Sent = Vec<(VnetHdr, Vec<u8>)>;
 
-    fn collect(frame: &mut Vec<u8>, meta: FrameMeta, caps: &TxCaps) -> (Result<TxSummary, TxError>, Sent) {
+    fn collect(
+        frame: &mut Vec<u8>,
+        meta: FrameMeta,
+        caps: &TxCaps,
+    ) -> (Result<TxSummary, TxError>, Sent) {
         let mut out = Vec::new();
         let mut scratch = Vec::new();
         let r = transmit(frame, &meta, caps, &mut scratch, &mut |h, f| {
@@ -527,7 +618,9 @@ pub(crate) mod tests {
         raw[11] = CMD_DEXT | CMD_EOP | CMD_TSE;
         raw[13] = POPTS_TXSM;
         match TxDescriptor::parse(&raw) {
-            TxDescriptor::Data { len, popts, .. } => assert_eq!((len, popts), (0xf1234, POPTS_TXSM)),
+            TxDescriptor::Data { len, popts, .. } => {
+                assert_eq!((len, popts), (0xf1234, POPTS_TXSM))
+            }
             other => panic!("{other:?}"),
         }
         raw[10] = 0x00;
@@ -538,7 +631,12 @@ pub(crate) mod tests {
             other => panic!("{other:?}"),
         }
         raw[10] = 0x50;
-        assert_eq!(TxDescriptor::parse(&raw), TxDescriptor::Reserved { cmd: CMD_DEXT | TUCMD_TSE });
+        assert_eq!(
+            TxDescriptor::parse(&raw),
+            TxDescriptor::Reserved {
+                cmd: CMD_DEXT | TUCMD_TSE
+            }
+        );
     }
 
     #[test]
@@ -549,8 +647,20 @@ pub(crate) mod tests {
         let loc = checksum::locate_l4(&frame, ETHERTYPE_VLAN).unwrap();
         let seed = checksum::fold(checksum::pseudo_header(&frame, &loc).unwrap());
         frame[50..52].copy_from_slice(&seed.to_be_bytes());
-        let ctx = TxContext { tucss: 34, tucso: 50, tucmd: CMD_DEXT | TUCMD_TCP, ..Default::default() };
-        let meta = FrameMeta { offload: Offload::Checksum { ctx, ip: false, l4: true }, vlan: None };
+        let ctx = TxContext {
+            tucss: 34,
+            tucso: 50,
+            tucmd: CMD_DEXT | TUCMD_TCP,
+            ..Default::default()
+        };
+        let meta = FrameMeta {
+            offload: Offload::Checksum {
+                ctx,
+                ip: false,
+                l4: true,
+            },
+            vlan: None,
+        };
         let (r, out) = collect(&mut frame, meta, &caps(Offloads::NONE));
         assert_eq!(r.unwrap().frames, 1);
         assert_eq!(out[0].1, reference);
@@ -560,9 +670,24 @@ pub(crate) mod tests {
     #[test]
     fn checksum_is_passed_through_when_the_backend_can() {
         let mut frame = tcp4_frame(200);
-        let ctx = TxContext { tucss: 34, tucso: 50, tucmd: CMD_DEXT | TUCMD_TCP, ..Default::default() };
-        let meta = FrameMeta { offload: Offload::Checksum { ctx, ip: false, l4: true }, vlan: Some(0x0123) };
-        let offloads = Offloads { csum: true, ..Offloads::NONE };
+        let ctx = TxContext {
+            tucss: 34,
+            tucso: 50,
+            tucmd: CMD_DEXT | TUCMD_TCP,
+            ..Default::default()
+        };
+        let meta = FrameMeta {
+            offload: Offload::Checksum {
+                ctx,
+                ip: false,
+                l4: true,
+            },
+            vlan: Some(0x0123),
+        };
+        let offloads = Offloads {
+            csum: true,
+            ..Offloads::NONE
+        };
         let (_, out) = collect(&mut frame, meta, &caps(offloads));
         let (hdr, wire) = &out[0];
         assert_eq!(hdr.flags, VnetHdr::FLAG_NEEDS_CSUM);
@@ -573,20 +698,44 @@ pub(crate) mod tests {
     #[test]
     fn bad_checksum_offsets_drop_the_frame() {
         let mut frame = vec![0u8; 60];
-        let ctx = TxContext { tucss: 200, tucso: 250, ..Default::default() };
-        let meta = FrameMeta { offload: Offload::Checksum { ctx, ip: true, l4: true }, vlan: None };
+        let ctx = TxContext {
+            tucss: 200,
+            tucso: 250,
+            ..Default::default()
+        };
+        let meta = FrameMeta {
+            offload: Offload::Checksum {
+                ctx,
+                ip: true,
+                l4: true,
+            },
+            vlan: None,
+        };
         let (r, out) = collect(&mut frame, meta, &caps(Offloads::NONE));
         assert_eq!(r, Err(TxError::BadChecksumOffsets));
         assert!(out.is_empty());
-        let meta = FrameMeta { offload: Offload::Legacy { css: 10, cso: 59 }, vlan: None };
-        assert_eq!(collect(&mut frame, meta, &caps(Offloads::NONE)).0, Err(TxError::BadChecksumOffsets));
+        let meta = FrameMeta {
+            offload: Offload::Legacy { css: 10, cso: 59 },
+            vlan: None,
+        };
+        assert_eq!(
+            collect(&mut frame, meta, &caps(Offloads::NONE)).0,
+            Err(TxError::BadChecksumOffsets)
+        );
     }
 
     #[test]
     fn software_tso_produces_valid_segments() {
         let (mut frame, ctx) = linux_tso_request(3000, 1000);
         let original = frame.clone();
-        let meta = FrameMeta { offload: Offload::Tso { ctx, ip: true, l4: true }, vlan: None };
+        let meta = FrameMeta {
+            offload: Offload::Tso {
+                ctx,
+                ip: true,
+                l4: true,
+            },
+            vlan: None,
+        };
         let (r, out) = collect(&mut frame, meta, &caps(Offloads::NONE));
         let summary = r.unwrap();
         assert_eq!(summary.frames, 3);
@@ -608,14 +757,28 @@ pub(crate) mod tests {
     #[test]
     fn tso_goes_to_a_capable_backend_as_one_gso_frame() {
         let (mut frame, ctx) = linux_tso_request(3000, 1448);
-        let meta = FrameMeta { offload: Offload::Tso { ctx, ip: true, l4: true }, vlan: None };
-        let offloads = Offloads { csum: true, tso4: true, ..Offloads::NONE };
+        let meta = FrameMeta {
+            offload: Offload::Tso {
+                ctx,
+                ip: true,
+                l4: true,
+            },
+            vlan: None,
+        };
+        let offloads = Offloads {
+            csum: true,
+            tso4: true,
+            ..Offloads::NONE
+        };
         let (r, out) = collect(&mut frame, meta, &caps(offloads));
         assert_eq!(r.unwrap().frames, 3);
         assert_eq!(out.len(), 1);
         let (hdr, wire) = &out[0];
         assert_eq!(hdr.gso_type, VnetHdr::GSO_TCPV4);
-        assert_eq!((hdr.gso_size, hdr.hdr_len, hdr.csum_start, hdr.csum_offset), (1448, 54, 34, 16));
+        assert_eq!(
+            (hdr.gso_size, hdr.hdr_len, hdr.csum_start, hdr.csum_offset),
+            (1448, 54, 34, 16)
+        );
         assert_eq!(read_u16(wire, 16), Some(3040));
         assert_eq!(checksum::ipv4_header_ok(wire, 14), Some(true));
         // Completing the partial checksum the way the host would gives a valid frame.
@@ -645,9 +808,20 @@ pub(crate) mod tests {
             }
             ctx.hdr_len = hdr_len;
             ctx.tucss = tucss;
-            let meta = FrameMeta { offload: Offload::Tso { ctx, ip: true, l4: true }, vlan: None };
+            let meta = FrameMeta {
+                offload: Offload::Tso {
+                    ctx,
+                    ip: true,
+                    l4: true,
+                },
+                vlan: None,
+            };
             let (r, out) = collect(&mut frame, meta, &opts);
-            assert_eq!(r, Err(expected), "mss {mss} hdr_len {hdr_len} tucss {tucss}");
+            assert_eq!(
+                r,
+                Err(expected),
+                "mss {mss} hdr_len {hdr_len} tucss {tucss}"
+            );
             assert!(out.is_empty());
         }
     }
@@ -655,12 +829,21 @@ pub(crate) mod tests {
     #[test]
     fn plain_frames_are_padded_and_limited() {
         let mut short = vec![0xaa; 42];
-        let meta = FrameMeta { offload: Offload::None, vlan: None };
+        let meta = FrameMeta {
+            offload: Offload::None,
+            vlan: None,
+        };
         let (_, out) = collect(&mut short, meta, &caps(Offloads::NONE));
         assert_eq!(out[0].1.len(), 60);
         assert_eq!(&out[0].1[42..], &[0u8; 18]);
         let mut huge = vec![0u8; MAX_PLAIN_FRAME + 1];
-        assert_eq!(collect(&mut huge, meta, &caps(Offloads::NONE)).0, Err(TxError::Oversize));
-        assert_eq!(collect(&mut Vec::new(), meta, &caps(Offloads::NONE)).0, Err(TxError::Empty));
+        assert_eq!(
+            collect(&mut huge, meta, &caps(Offloads::NONE)).0,
+            Err(TxError::Oversize)
+        );
+        assert_eq!(
+            collect(&mut Vec::new(), meta, &caps(Offloads::NONE)).0,
+            Err(TxError::Empty)
+        );
     }
 }

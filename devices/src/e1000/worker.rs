@@ -34,7 +34,9 @@ pub struct Shared {
 impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, State> {
         // A panic elsewhere must not take the device down with it.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn wake(&self) {
@@ -46,11 +48,19 @@ impl Shared {
 
 enum Walk {
     /// Descriptors up to `next_head` are done.
-    Done { next_head: u32, reported: bool, used: u32 },
+    Done {
+        next_head: u32,
+        reported: bool,
+        used: u32,
+    },
     /// The packet continues past the tail; wait for the guest to post the rest.
     Incomplete,
     /// The guest handed over the whole ring without ending the packet.
-    NoEndOfPacket { next_head: u32, reported: bool, used: u32 },
+    NoEndOfPacket {
+        next_head: u32,
+        reported: bool,
+        used: u32,
+    },
     /// A descriptor could not be read from guest memory.
     Unreadable(u64),
 }
@@ -120,9 +130,21 @@ impl Worker {
         loop {
             let want_backend = !self.backend_failed && self.pending.is_none();
             let mut fds = [
-                libc::pollfd { fd: kick_fd, events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: timer_fd, events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: self.backend.poll_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: kick_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: timer_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.backend.poll_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             let nfds = if want_backend { 3 } else { 2 };
             let timeout = if more_work { 0 } else { -1 };
@@ -162,7 +184,10 @@ impl Worker {
 
     fn fail_backend(&mut self, why: &dyn std::fmt::Display) {
         self.backend_failed = true;
-        self.shared.lock().counters.drop_event("backend_failed", why);
+        self.shared
+            .lock()
+            .counters
+            .drop_event("backend_failed", why);
     }
 
     fn check_link(&mut self) {
@@ -193,7 +218,10 @@ impl Worker {
                         let key = (state.tx_generation(), fault as u32);
                         if self.tx_ring_fault != Some(key) {
                             self.tx_ring_fault = Some(key);
-                            state.counters.drop_event("tx_ring_invalid", &format_args!("transmit stopped: {}", fault.describe()));
+                            state.counters.drop_event(
+                                "tx_ring_invalid",
+                                &format_args!("transmit stopped: {}", fault.describe()),
+                            );
                         }
                         return false;
                     }
@@ -215,12 +243,22 @@ impl Worker {
                 return true;
             }
             match self.walk_packet(&ring, &caps, vlan_enabled) {
-                Walk::Done { next_head, reported, used } => {
+                Walk::Done {
+                    next_head,
+                    reported,
+                    used,
+                } => {
                     self.tx_read_fault = None;
-                    self.shared.lock().complete_tx(ring.generation, next_head, reported);
+                    self.shared
+                        .lock()
+                        .complete_tx(ring.generation, next_head, reported);
                     budget = budget.saturating_sub(used);
                 }
-                Walk::NoEndOfPacket { next_head, reported, used } => {
+                Walk::NoEndOfPacket {
+                    next_head,
+                    reported,
+                    used,
+                } => {
                     let mut state = self.shared.lock();
                     state.counters.drop_event(
                         "tx_no_eop",
@@ -236,7 +274,9 @@ impl Worker {
                         self.tx_read_fault = Some(key);
                         self.shared.lock().counters.drop_event(
                             "tx_descriptor_unreadable",
-                            &format_args!("transmit stopped: descriptor at {addr:#x} is outside guest memory"),
+                            &format_args!(
+                                "transmit stopped: descriptor at {addr:#x} is outside guest memory"
+                            ),
                         );
                     }
                     return false;
@@ -263,7 +303,11 @@ impl Worker {
             if used == owned {
                 if owned == ring.count - 1 {
                     self.write_status();
-                    return Walk::NoEndOfPacket { next_head: index, reported: !self.status_writes.is_empty(), used };
+                    return Walk::NoEndOfPacket {
+                        next_head: index,
+                        reported: !self.status_writes.is_empty(),
+                        used,
+                    };
                 }
                 return Walk::Incomplete;
             }
@@ -271,7 +315,11 @@ impl Worker {
                 return Walk::Unreadable(ring.base);
             };
             let mut raw = [0u8; 16];
-            if self.mem.read_slice(&mut raw, GuestAddress(desc_addr)).is_err() {
+            if self
+                .mem
+                .read_slice(&mut raw, GuestAddress(desc_addr))
+                .is_err()
+            {
                 return Walk::Unreadable(desc_addr);
             }
             used += 1;
@@ -289,29 +337,68 @@ impl Worker {
                     }
                     if meta.is_none() && self.packet.is_empty() {
                         self.write_status();
-                        return Walk::Done { next_head: index, reported: !self.status_writes.is_empty(), used };
+                        return Walk::Done {
+                            next_head: index,
+                            reported: !self.status_writes.is_empty(),
+                            used,
+                        };
                     }
                     continue;
                 }
-                TxDescriptor::Legacy { addr, len, cso, cmd, css, special } => {
+                TxDescriptor::Legacy {
+                    addr,
+                    len,
+                    cso,
+                    cmd,
+                    css,
+                    special,
+                } => {
                     meta.get_or_insert(FrameMeta {
-                        offload: if cmd & tx::CMD_IC != 0 { Offload::Legacy { css, cso } } else { Offload::None },
+                        offload: if cmd & tx::CMD_IC != 0 {
+                            Offload::Legacy { css, cso }
+                        } else {
+                            Offload::None
+                        },
                         vlan: None,
                     });
-                    (addr, len as usize, cmd & tx::CMD_EOP != 0, special, cmd & tx::CMD_VLE != 0)
+                    (
+                        addr,
+                        len as usize,
+                        cmd & tx::CMD_EOP != 0,
+                        special,
+                        cmd & tx::CMD_VLE != 0,
+                    )
                 }
-                TxDescriptor::Data { addr, len, dcmd, popts, special } => {
+                TxDescriptor::Data {
+                    addr,
+                    len,
+                    dcmd,
+                    popts,
+                    special,
+                } => {
                     if meta.is_none() {
                         let offload = self.data_offload(dcmd, popts, &mut error);
                         if matches!(offload, Offload::Tso { .. }) {
                             cap = tx::MAX_TSO_FRAME;
                         }
-                        meta = Some(FrameMeta { offload, vlan: None });
+                        meta = Some(FrameMeta {
+                            offload,
+                            vlan: None,
+                        });
                     }
-                    (addr, len as usize, dcmd & tx::CMD_EOP != 0, special, dcmd & tx::CMD_VLE != 0)
+                    (
+                        addr,
+                        len as usize,
+                        dcmd & tx::CMD_EOP != 0,
+                        special,
+                        dcmd & tx::CMD_VLE != 0,
+                    )
                 }
                 TxDescriptor::Reserved { cmd } => {
-                    error.get_or_insert(("tx_bad_descriptor", format!("reserved descriptor type at {desc_addr:#x}")));
+                    error.get_or_insert((
+                        "tx_bad_descriptor",
+                        format!("reserved descriptor type at {desc_addr:#x}"),
+                    ));
                     (0, 0, cmd & tx::CMD_EOP != 0, 0, false)
                 }
             };
@@ -321,7 +408,11 @@ impl Worker {
                     error = Some(("tx_oversize", format!("packet exceeds {cap} bytes")));
                 } else {
                     self.packet.resize(start + len, 0);
-                    if self.mem.read_slice(&mut self.packet[start..], GuestAddress(addr)).is_err() {
+                    if self
+                        .mem
+                        .read_slice(&mut self.packet[start..], GuestAddress(addr))
+                        .is_err()
+                    {
                         self.packet.truncate(start);
                         error = Some((
                             "tx_bad_buffer_address",
@@ -331,25 +422,40 @@ impl Worker {
                 }
             }
             if eop {
-                let mut meta = meta.unwrap_or(FrameMeta { offload: Offload::None, vlan: None });
+                let mut meta = meta.unwrap_or(FrameMeta {
+                    offload: Offload::None,
+                    vlan: None,
+                });
                 if vle && vlan_enabled {
                     meta.vlan = Some(special);
                 }
                 self.finish_packet(meta, caps, error);
                 self.write_status();
-                return Walk::Done { next_head: index, reported: !self.status_writes.is_empty(), used };
+                return Walk::Done {
+                    next_head: index,
+                    reported: !self.status_writes.is_empty(),
+                    used,
+                };
             }
         }
     }
 
-    fn data_offload(&self, dcmd: u8, popts: u8, error: &mut Option<(&'static str, String)>) -> Offload {
+    fn data_offload(
+        &self,
+        dcmd: u8,
+        popts: u8,
+        error: &mut Option<(&'static str, String)>,
+    ) -> Offload {
         let ip = popts & tx::POPTS_IXSM != 0;
         let l4 = popts & tx::POPTS_TXSM != 0;
         if dcmd & tx::CMD_TSE != 0 {
             return match self.tso_context {
                 Some(ctx) => Offload::Tso { ctx, ip, l4 },
                 None => {
-                    error.get_or_insert(("tx_tso_without_context", "TSE data descriptor before any TSO context".into()));
+                    error.get_or_insert((
+                        "tx_tso_without_context",
+                        "TSE data descriptor before any TSO context".into(),
+                    ));
                     Offload::None
                 }
             };
@@ -360,13 +466,21 @@ impl Worker {
         match self.checksum_context.or(self.tso_context) {
             Some(ctx) => Offload::Checksum { ctx, ip, l4 },
             None => {
-                error.get_or_insert(("tx_csum_without_context", "checksum requested before any context".into()));
+                error.get_or_insert((
+                    "tx_csum_without_context",
+                    "checksum requested before any context".into(),
+                ));
                 Offload::None
             }
         }
     }
 
-    fn finish_packet(&mut self, meta: FrameMeta, caps: &TxCaps, error: Option<(&'static str, String)>) {
+    fn finish_packet(
+        &mut self,
+        meta: FrameMeta,
+        caps: &TxCaps,
+        error: Option<(&'static str, String)>,
+    ) {
         let is_tso = matches!(meta.offload, Offload::Tso { .. });
         if let Some((reason, detail)) = error {
             let mut state = self.shared.lock();
@@ -382,19 +496,30 @@ impl Worker {
         }
         let backend = &mut self.backend;
         let mut refusal: Option<String> = None;
-        let result = tx::transmit(&mut self.packet, &meta, caps, &mut self.scratch, &mut |hdr, frame| {
-            match backend.send(hdr, frame) {
+        let result = tx::transmit(
+            &mut self.packet,
+            &meta,
+            caps,
+            &mut self.scratch,
+            &mut |hdr, frame| match backend.send(hdr, frame) {
                 Ok(()) => true,
                 Err(e) => {
                     refusal.get_or_insert_with(|| e.to_string());
                     false
                 }
-            }
-        });
+            },
+        );
         let mut state = self.shared.lock();
         match result {
             Ok(summary) => {
-                stats::count_tx(state.stats_regs(), &dst, summary.frames, summary.bytes, summary.first_len, summary.tso);
+                stats::count_tx(
+                    state.stats_regs(),
+                    &dst,
+                    summary.frames,
+                    summary.bytes,
+                    summary.first_len,
+                    summary.tso,
+                );
                 state.counters.tx_frames += u64::from(summary.frames);
                 state.counters.tx_bytes += summary.bytes;
                 if summary.refused > 0 {
@@ -418,7 +543,9 @@ impl Worker {
         for &addr in &self.status_writes {
             // The descriptor was just read from this address, so the write can only
             // fail if memory changed under us; nothing more to do then.
-            let _ = self.mem.write_obj(tx::STA_DD, GuestAddress(addr + tx::STATUS_OFFSET));
+            let _ = self
+                .mem
+                .write_obj(tx::STA_DD, GuestAddress(addr + tx::STATUS_OFFSET));
         }
     }
 
@@ -470,12 +597,17 @@ impl Worker {
     }
 
     fn deliver_pending(&mut self) -> Delivery {
-        let Some((hdr, len)) = self.pending else { return Delivery::Done };
+        let Some((hdr, len)) = self.pending else {
+            return Delivery::Done;
+        };
         let frame = &mut self.rx_buf[..len];
         let trusted = match Self::complete_offloads(frame, &hdr) {
             Ok(t) => t,
             Err(reason) => {
-                self.shared.lock().counters.drop_event(reason, &format_args!("{hdr:?}"));
+                self.shared
+                    .lock()
+                    .counters
+                    .drop_event(reason, &format_args!("{hdr:?}"));
                 return Delivery::Done;
             }
         };
@@ -512,8 +644,14 @@ impl Worker {
                 Err(e) => {
                     let reg = if e == RxError::Oversize { ROC } else { RUC };
                     stats::count_reg(state.stats_regs(), reg, 1);
-                    let reason = if e == RxError::Oversize { "rx_oversize" } else { "rx_runt" };
-                    state.counters.drop_event(reason, &format_args!("{len}-byte frame: {e}"));
+                    let reason = if e == RxError::Oversize {
+                        "rx_oversize"
+                    } else {
+                        "rx_runt"
+                    };
+                    state
+                        .counters
+                        .drop_event(reason, &format_args!("{len}-byte frame: {e}"));
                     return Delivery::Done;
                 }
             };
@@ -522,7 +660,11 @@ impl Worker {
             if needed > ring.count - 1 {
                 state.counters.drop_event(
                     "rx_frame_exceeds_ring",
-                    &format_args!("{}-byte frame needs {needed} buffers, ring has {}", self.rx_prepared.len(), ring.count),
+                    &format_args!(
+                        "{}-byte frame needs {needed} buffers, ring has {}",
+                        self.rx_prepared.len(),
+                        ring.count
+                    ),
                 );
                 return Delivery::Done;
             }
@@ -554,25 +696,44 @@ impl Worker {
     /// Copies the prepared frame into `needed` buffers from the head and writes their
     /// descriptors back. A buffer outside guest memory turns the frame into an error
     /// frame (RXE) so the guest still gets its descriptors back.
-    fn place_frame(&mut self, ring: &Ring, bsize: usize, needed: u32, meta: &rx::RxMeta) -> Result<(), String> {
+    fn place_frame(
+        &mut self,
+        ring: &Ring,
+        bsize: usize,
+        needed: u32,
+        meta: &rx::RxMeta,
+    ) -> Result<(), String> {
         let mut failure: Option<String> = None;
         let mut descriptors = Vec::with_capacity(needed as usize);
-        for (i, chunk) in self.rx_prepared.chunks(bsize).enumerate().take(needed as usize) {
+        for (i, chunk) in self
+            .rx_prepared
+            .chunks(bsize)
+            .enumerate()
+            .take(needed as usize)
+        {
             let index = (ring.head + i as u32) % ring.count;
-            let Some(desc_addr) = ring.base.checked_add(u64::from(index) * rx::DESCRIPTOR_LEN) else {
+            let Some(desc_addr) = ring.base.checked_add(u64::from(index) * rx::DESCRIPTOR_LEN)
+            else {
                 failure.get_or_insert_with(|| format!("descriptor {index} address overflows"));
                 continue;
             };
             match self.mem.read_obj::<u64>(GuestAddress(desc_addr)) {
                 Ok(buffer) => {
                     let buffer = u64::from_le(buffer);
-                    if failure.is_none() && self.mem.write_slice(chunk, GuestAddress(buffer)).is_err() {
-                        failure = Some(format!("receive buffer {buffer:#x}+{} is outside guest memory", chunk.len()));
+                    if failure.is_none()
+                        && self.mem.write_slice(chunk, GuestAddress(buffer)).is_err()
+                    {
+                        failure = Some(format!(
+                            "receive buffer {buffer:#x}+{} is outside guest memory",
+                            chunk.len()
+                        ));
                     }
                     descriptors.push((desc_addr, chunk.len() as u16));
                 }
                 Err(_) => {
-                    failure.get_or_insert_with(|| format!("receive descriptor at {desc_addr:#x} is outside guest memory"));
+                    failure.get_or_insert_with(|| {
+                        format!("receive descriptor at {desc_addr:#x} is outside guest memory")
+                    });
                 }
             }
         }
@@ -580,7 +741,12 @@ impl Worker {
         for (i, &(desc_addr, chunk_len)) in descriptors.iter().enumerate() {
             let is_last = i == last;
             let (length, status, errors, special) = match (&failure, is_last) {
-                (None, true) => (chunk_len, STA_DD | STA_EOP | meta.status, meta.errors, meta.special),
+                (None, true) => (
+                    chunk_len,
+                    STA_DD | STA_EOP | meta.status,
+                    meta.errors,
+                    meta.special,
+                ),
                 (None, false) => (chunk_len, STA_DD, 0, 0),
                 (Some(_), true) => (0, STA_DD | STA_EOP, ERR_RXE, 0),
                 (Some(_), false) => (0, STA_DD, 0, 0),
