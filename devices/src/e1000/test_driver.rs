@@ -102,11 +102,22 @@ impl TestDriver {
         let irq = Arc::new(TestIrqLine::default());
         let mac = MacAddr([0x52, 0x54, 0x00, 0xab, 0xcd, 0xef]);
         let dev = E1000::new(mac, Box::new(backend), mem.clone(), irq.clone()).unwrap();
+        TestDriver::with_device(dev, mem, irq, handle)
+    }
+
+    /// Wraps a device built elsewhere (e.g. on another backend); `backend` is then only
+    /// a placeholder handle.
+    pub fn with_device(
+        dev: E1000,
+        mem: GuestMemoryMmap<()>,
+        irq: Arc<TestIrqLine>,
+        backend: loopback::LoopbackHandle,
+    ) -> TestDriver {
         TestDriver {
             dev,
             mem,
             irq,
-            backend: handle,
+            backend,
             mac: [0; 6],
             tx_count: RING_LEN,
             rx_count: RING_LEN,

@@ -927,3 +927,147 @@ fn random_register_and_descriptor_garbage_does_not_panic() {
     d.er32(STATUS);
     d.dev.shutdown();
 }
+
+/// A backend whose fd has hung up, whose receive fails and whose send refuses, for
+/// the worker's error paths.
+struct BrokenBackend {
+    read_end: std::os::fd::OwnedFd,
+    recv_error: bool,
+}
+
+impl BrokenBackend {
+    fn new(recv_error: bool) -> Self {
+        let mut fds = [0i32; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe(2) returns.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) },
+            0
+        );
+        // SAFETY: both fds were just created and are owned here; closing the write end
+        // makes the read end report POLLHUP.
+        unsafe { libc::close(fds[1]) };
+        let read_end =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+        BrokenBackend {
+            read_end,
+            recv_error,
+        }
+    }
+}
+
+impl tapir_net::backend::Backend for BrokenBackend {
+    fn kind(&self) -> &'static str {
+        "broken"
+    }
+    fn poll_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.read_end)
+    }
+    fn supported_offloads(&self) -> Offloads {
+        Offloads::NONE
+    }
+    fn set_rx_offloads(&mut self, _: Offloads) -> std::io::Result<()> {
+        Err(std::io::Error::other("no offloads here"))
+    }
+    fn send(&mut self, _: &VnetHdr, _: &[u8]) -> Result<(), tapir_net::backend::BackendError> {
+        Err(tapir_net::backend::BackendError::WouldBlock)
+    }
+    fn recv(
+        &mut self,
+        _: &mut [u8],
+    ) -> Result<Option<(VnetHdr, usize)>, tapir_net::backend::BackendError> {
+        if self.recv_error {
+            return Err(std::io::Error::other("tap went away").into());
+        }
+        Ok(None)
+    }
+    fn counters(&self) -> tapir_net::backend::BackendCounters {
+        Default::default()
+    }
+}
+
+#[test]
+fn broken_backends_are_contained() {
+    for recv_error in [false, true] {
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let irq = std::sync::Arc::new(crate::interrupt::TestIrqLine::default());
+        let mac = tapir_net::mac::MacAddr([0x52, 0x54, 0, 0, 0, 7]);
+        let mut dev = E1000::new(mac, Box::new(BrokenBackend::new(recv_error)), mem, irq).unwrap();
+        let failed = |dev: &E1000| dev.shared().lock().counters.drops_for("backend_failed");
+        wait_for(
+            &format!("backend marked failed (recv_error {recv_error})"),
+            || failed(&dev) == 1,
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(failed(&dev), 1, "reported once, not in a loop");
+        dev.shutdown();
+    }
+}
+
+#[test]
+fn refused_sends_are_counted() {
+    let mem =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let irq = std::sync::Arc::new(crate::interrupt::TestIrqLine::default());
+    let mac = tapir_net::mac::MacAddr([0x52, 0x54, 0, 0, 0, 8]);
+    let dev = E1000::new(
+        mac,
+        Box::new(BrokenBackend::new(false)),
+        mem.clone(),
+        irq.clone(),
+    )
+    .unwrap();
+    let (_, handle) = tapir_net::backend::loopback::pair(Offloads::NONE).unwrap();
+    let mut d = TestDriver::with_device(dev, mem, irq, handle);
+    d.probe();
+    d.open();
+    let eop = d.xmit(&broadcast_frame(60, 1), TxOffload::None);
+    d.wait_tx_done(eop);
+    wait_drop(&d, "tx_backend_refused", 1);
+    assert_eq!(d.er32(GPTC), 0);
+}
+
+#[test]
+fn sustained_traffic_both_ways_wraps_the_rings_without_loss() {
+    let mut d = TestDriver::new(Offloads::NONE);
+    d.probe();
+    d.tx_count = 16;
+    d.rx_count = 16;
+    d.open();
+    let edges = d.irq.rising_edges();
+    let rounds = 600usize;
+    let mut sent_frames = Vec::new();
+    for i in 0..rounds {
+        let len = 60 + (i * 37) % 1400;
+        let out = broadcast_frame(len, i as u8);
+        // Keep at most a few packets in flight so the small ring never overflows.
+        let eop = d.xmit(&out, TxOffload::None);
+        sent_frames.push(out);
+        d.backend
+            .inject(VnetHdr::default(), &broadcast_frame(len, !(i as u8)));
+        let rx = d.receive();
+        assert_eq!(rx.data.len(), len + 4, "frame {i}");
+        assert!(
+            rx.data[..len] == broadcast_frame(len, !(i as u8))[..],
+            "frame {i}"
+        );
+        d.wait_tx_done(eop);
+        if d.irq.asserted() {
+            d.intr();
+            d.irq_enable();
+        }
+    }
+    let sent = d.backend.take_sent();
+    assert_eq!(sent.len(), rounds);
+    for (i, (got, want)) in sent.iter().zip(&sent_frames).enumerate() {
+        assert!(got.1 == *want, "tx frame {i}");
+    }
+    assert!(d.irq.rising_edges() > edges + 10, "interrupts kept coming");
+    let c = d.dev.shared().lock().counters.clone();
+    assert_eq!((c.tx_frames, c.rx_frames), (rounds as u64, rounds as u64));
+    assert!(
+        c.drops.iter().all(|(r, _)| *r == "rx_disabled"),
+        "{:?}",
+        c.drops
+    );
+}

@@ -92,6 +92,8 @@ pub struct Worker {
     rx_prepared: Vec<u8>,
     pending: Option<(VnetHdr, usize)>,
     stalled: bool,
+    /// Frames taken from the backend so far.
+    received: u64,
 }
 
 impl Worker {
@@ -119,6 +121,7 @@ impl Worker {
             rx_prepared: Vec::new(),
             pending: None,
             stalled: false,
+            received: 0,
         }
     }
 
@@ -171,18 +174,28 @@ impl Worker {
                     state.itr_expired();
                 }
             }
-            if want_backend && fds[2].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+            let backend_events = if want_backend { fds[2].revents } else { 0 };
+            if backend_events & (libc::POLLERR | libc::POLLNVAL) != 0 {
                 self.fail_backend(&"backend fd reported an error");
             }
             self.check_link();
             let tx_more = self.process_tx();
+            let received_before = self.received;
             let rx_more = self.process_rx();
+            // A hung-up fd stays readable forever; without frames it would spin us.
+            if backend_events & libc::POLLHUP != 0 && self.received == received_before {
+                self.fail_backend(&"backend fd hung up");
+            }
             more_work = tx_more || rx_more;
         }
         self.backend
     }
 
+    /// Stops polling the backend for good: it is gone, and polling it would spin.
     fn fail_backend(&mut self, why: &dyn std::fmt::Display) {
+        if self.backend_failed {
+            return;
+        }
         self.backend_failed = true;
         self.shared
             .lock()
@@ -559,7 +572,10 @@ impl Worker {
                     return false;
                 }
                 match self.backend.recv(&mut self.rx_buf) {
-                    Ok(Some((hdr, len))) => self.pending = Some((hdr, len.min(self.rx_buf.len()))),
+                    Ok(Some((hdr, len))) => {
+                        self.received += 1;
+                        self.pending = Some((hdr, len.min(self.rx_buf.len())));
+                    }
                     Ok(None) | Err(BackendError::WouldBlock) => return false,
                     // The backend counted it.
                     Err(BackendError::Dropped(_)) => continue,
