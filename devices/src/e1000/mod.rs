@@ -4,6 +4,17 @@
 //!
 //! The vCPU threads reach the registers through `PciDevice`; a worker thread of the
 //! device's own moves frames between the descriptor rings and the backend.
+//!
+//! What the VMM does with it:
+//! - `E1000::new(mac, backend, guest_memory, irq)` starts the worker thread;
+//!   `PciDevice::shutdown()` (or drop) stops it, after which `stats()` also carries
+//!   the backend's counters.
+//! - Place BAR0 (32-bit memory, `MMIO_SIZE`) and BAR1 (I/O, `IO_SIZE`) and route both:
+//!   the Linux driver resets the 82540 through the I/O window (IOADDR/IODATA).
+//! - Route INTA to a level-triggered input; `irq.set_level` follows ICR & IMS (with
+//!   ITR throttling) and drops when the guest reads ICR or masks.
+//! - No doorbells: TDT/RDT writes carry values, so they must reach `bar_write`.
+//! - DMA happens only while the guest has set PCI bus mastering.
 
 mod checksum;
 mod device;
