@@ -8,6 +8,7 @@ use kvm_ioctls::VmFd;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
+use tapir_devices::e1000::E1000;
 use tapir_devices::pci::PciDevice;
 use tapir_devices::virtio::net::{VirtioNet, VirtioNetConfig};
 use tapir_devices::virtio::VirtioPciDevice;
@@ -103,7 +104,10 @@ pub fn attach_all(
                     .map_err(|e| device_err(e.to_string()))?;
                 Arc::new(Mutex::new(dev))
             }
-            NicModel::E1000 => return Err(device_err("e1000 is not built in yet".into())),
+            NicModel::E1000 => {
+                let dev = E1000::new(mac, backend, memory.clone(), intx).map_err(|e| device_err(e.to_string()))?;
+                Arc::new(Mutex::new(dev))
+            }
         };
         let slot = pci
             .add(device, ioapic_pin as u8)
