@@ -185,7 +185,7 @@ impl Vm {
             dev.shutdown();
             let stats = dev.stats();
             if !stats.is_empty() {
-                log::info!("{}: {}", dev.name(), stats);
+                log::info!("{stats}");
             }
         }
         drop(self.nics);
