@@ -135,6 +135,9 @@ fn main() -> ExitCode {
     };
     if cli.check {
         println!("{cfg:#?}");
+        for (index, nic) in cfg.nics.iter().enumerate() {
+            println!("nics[{index}]: {} mac {}", nic.model, nic.effective_mac(&cfg.name, index));
+        }
         return ExitCode::SUCCESS;
     }
     // Block signals before any thread exists so every thread inherits the mask and only

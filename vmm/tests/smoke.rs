@@ -152,3 +152,87 @@ fn two_vcpus_boot() {
     let out = tapir(&["--kernel", kernel.to_str().unwrap(), "--memory", "64", "--vcpus", "2", "--debug-exit"]);
     assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
 }
+
+fn check_macs(name: &str, nics: &str) -> Vec<String> {
+    let dir = scratch(&format!("mac-{name}"));
+    let kernel = tiny_guest(&dir, &[]);
+    let cfg = dir.join("vm.json");
+    std::fs::write(&cfg, format!(r#"{{"name": "{name}", "kernel": "{}", "nics": {nics}}}"#, kernel.display())).unwrap();
+    let out = tapir(&["--config", cfg.to_str().unwrap(), "--check"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    text(&out.stdout).lines().filter_map(|l| l.split(" mac ").nth(1).map(str::to_string)).collect()
+}
+
+const TWO_NICS: &str = r#"[{"model": "virtio-net", "backend": {"type": "stream", "listen": "127.0.0.1:0"}},
+                          {"model": "e1000", "backend": {"type": "stream", "listen": "127.0.0.1:0"}}]"#;
+
+#[test]
+fn derived_macs_are_stable_per_name_and_distinct_across_names() {
+    let a1 = check_macs("web", TWO_NICS);
+    let a2 = check_macs("web", TWO_NICS);
+    let b = check_macs("db", TWO_NICS);
+    assert_eq!(a1.len(), 2);
+    assert_eq!(a1, a2, "same name, same MACs");
+    assert_ne!(a1[0], a1[1], "each NIC has its own MAC");
+    assert!(a1.iter().all(|m| !b.contains(m)), "different names, different MACs: {a1:?} {b:?}");
+    assert!(a1.iter().all(|m| m != "52:54:00:12:34:56"));
+}
+
+#[test]
+fn invalid_and_duplicate_macs_in_one_vm_are_rejected() {
+    let dir = scratch("bad-mac");
+    let kernel = tiny_guest(&dir, &[]);
+    for (nics, needle) in [
+        (r#"[{"model": "e1000", "mac": "01:00:5e:00:00:01", "backend": {"type": "stream", "listen": "127.0.0.1:0"}}]"#, "multicast"),
+        (r#"[{"model": "e1000", "mac": "52:54:00:zz:00:01", "backend": {"type": "stream", "listen": "127.0.0.1:0"}}]"#, "not a MAC"),
+        (r#"[{"model": "e1000", "mac": "02:00:00:00:00:01", "backend": {"type": "stream", "listen": "127.0.0.1:0"}},
+             {"model": "virtio-net", "mac": "02:00:00:00:00:01", "backend": {"type": "stream", "listen": "127.0.0.1:0"}}]"#, "already used by nics[0]"),
+    ] {
+        let cfg = dir.join("vm.json");
+        std::fs::write(&cfg, format!(r#"{{"kernel": "{}", "nics": {nics}}}"#, kernel.display())).unwrap();
+        let out = tapir(&["--config", cfg.to_str().unwrap()]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+        assert!(err.contains("mac") && err.contains(needle), "stderr: {err}");
+    }
+}
+
+#[test]
+fn a_second_running_vm_with_the_same_mac_is_refused() {
+    let dir = scratch("dup-mac");
+    // No debug-exit: the guest halts with interrupts off and the VM stays up.
+    let kernel = tiny_guest(&dir, &[]);
+    let registry = dir.join("registry");
+    let nic = r#"[{"model": "virtio-net", "mac": "02:aa:bb:cc:dd:01", "backend": {"type": "stream", "listen": "127.0.0.1:0"}}]"#;
+    let write_cfg = |name: &str| {
+        let cfg = dir.join(format!("{name}.json"));
+        std::fs::write(&cfg, format!(r#"{{"name": "{name}", "kernel": "{}", "memory_mib": 32, "nics": {nic}}}"#, kernel.display())).unwrap();
+        cfg
+    };
+    let first_cfg = write_cfg("first-vm");
+    let second_cfg = write_cfg("second-vm");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_tapir"))
+        .args(["--config", first_cfg.to_str().unwrap()])
+        .env("TAPIR_MAC_REGISTRY", &registry)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_dir(&registry).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "first VM never claimed its MAC");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let second = Command::new(env!("CARGO_BIN_EXE_tapir"))
+        .args(["--config", second_cfg.to_str().unwrap()])
+        .env("TAPIR_MAC_REGISTRY", &registry)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let _ = first.kill();
+    let _ = first.wait();
+    let err = text(&second.stderr);
+    assert_eq!(second.status.code(), Some(4), "stderr: {err}");
+    assert!(err.contains("first-vm") && err.contains("second-vm") && err.contains("02:aa:bb:cc:dd:01"), "stderr: {err}");
+}
