@@ -9,8 +9,8 @@
 #   outer-initramfs.cpio.gz   the outer QEMU TCG VM of the nested runner (outer-init)
 #   kernel-release            the kernel's uname -r
 #
-# Idempotent and cached: nothing is rebuilt while every output is newer than every file
-# in this directory, and downloaded .deb files are kept under debs/. `--force` rebuilds.
+# Idempotent and cached: nothing is rebuilt while every output is newer than this script
+# and the files it installs (SOURCES), and downloaded .deb files are kept under debs/. `--force` rebuilds.
 # Concurrent invocations serialize on a lock in the output directory.
 # Needs: apt-get, dpkg-deb, cpio, gzip, xz, readelf (binutils), flock, mknod (root).
 set -euo pipefail
@@ -31,6 +31,7 @@ OUTER_MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev vi
 # iperf3 for throughput tests; its shared libraries come from these packages.
 IPERF_PACKAGES="iperf3 libiperf0 libc6 libssl3 libsctp1"
 
+SOURCES="build.sh guest-init outer-init udhcpc-default.script"
 OUTPUTS="vmlinuz vmlinux kernel-release modules/modules.order guest-initramfs.cpio.gz
     outer-initramfs.cpio.gz"
 
@@ -45,8 +46,8 @@ up_to_date() {
     local output source
     for output in $OUTPUTS; do
         [[ -e $OUT/$output ]] || return 1
-        for source in "$SRC_DIR"/*; do
-            [[ $OUT/$output -nt $source ]] || return 1
+        for source in $SOURCES; do
+            [[ $OUT/$output -nt $SRC_DIR/$source ]] || return 1
         done
     done
 }

@@ -18,11 +18,17 @@ impl FileLock {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let file = OpenOptions::new()
+        // A lock file another user created may be read-only to us; flock works on it all
+        // the same.
+        let file = match OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(path)?;
+            .open(path)
+        {
+            Err(error) if error.kind() == io::ErrorKind::PermissionDenied => File::open(path)?,
+            other => other?,
+        };
         loop {
             // SAFETY: flock on a file descriptor we own; no memory is passed.
             let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };

@@ -33,6 +33,12 @@ const SCRIPT_ENV: [(&str, &str); 4] = [
     ("LANG", "C.UTF-8"),
 ];
 const TAIL_LINES: usize = 80;
+/// Variables of the test's own environment that scripts inherit (written into the script,
+/// so they reach the outer VM too): tapir's logging and Rust backtraces.
+const PASSED_THROUGH_ENV: [&str; 2] = ["RUST_LOG", "RUST_BACKTRACE"];
+/// Machine-wide, not per checkout: several worktrees' tests must not boot outer VMs at the
+/// same time either. `TAPIR_RUNNER_LOCK` overrides it.
+const DEFAULT_LOCK: &str = "/tmp/tapir-runner.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -143,8 +149,9 @@ impl RunOutcome {
 }
 
 /// Runs e2e scripts. One run at a time machine-wide: every run holds an exclusive flock
-/// on `<repo>/target/runner/lock`, because an outer VM wants both cores of a small
-/// machine, and direct-mode scripts share host names (taps, bridges, netns).
+/// on `/tmp/tapir-runner.lock` (or `$TAPIR_RUNNER_LOCK`), because an outer VM wants both
+/// cores of a small machine, and direct-mode scripts share host names (taps, bridges,
+/// netns).
 #[derive(Debug, Clone)]
 pub struct Runner {
     mode: Mode,
@@ -183,18 +190,19 @@ impl Runner {
     }
 
     /// Runs `script` (bash; a first line starting with `#!` picks another interpreter)
-    /// as root with cwd `/` and only HOME, PATH, TERM and LANG set, and returns its exit
+    /// as root with cwd `/` and only HOME, PATH, TERM, LANG (and RUST_LOG and
+    /// RUST_BACKTRACE when the caller has them) set, and returns its exit
     /// status and output. Paths in the script must be absolute host paths outside /tmp
     /// and /run: in nested mode those two are fresh tmpfs mounts inside the outer VM.
     /// `timeout` counts from the start of the run (in nested mode it includes about 10 s of
     /// outer VM boot), not from the time spent waiting for the lock.
     pub fn run(&self, script: &str, timeout: Duration) -> Result<RunOutcome, RunnerError> {
-        let dir = runner_dir();
-        let _lock = FileLock::exclusive(&dir.join("lock")).map_err(|source| RunnerError::Io {
-            what: format!("locking {}/lock", dir.display()),
+        let lock_path = lock_path();
+        let _lock = FileLock::exclusive(&lock_path).map_err(|source| RunnerError::Io {
+            what: format!("locking {}", lock_path.display()),
             source,
         })?;
-        let script_path = write_script(&dir, script)?;
+        let script_path = write_script(&runner_dir(), script)?;
         let result = match &self.outer {
             None => run_direct(&script_path, timeout),
             Some(images) => run_nested(images, &script_path, timeout),
@@ -202,6 +210,35 @@ impl Runner {
         let _ = std::fs::remove_file(&script_path);
         result
     }
+}
+
+fn lock_path() -> PathBuf {
+    match std::env::var_os("TAPIR_RUNNER_LOCK") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(DEFAULT_LOCK),
+    }
+}
+
+/// `export NAME='value'` lines for the passed-through variables the caller has.
+fn passed_through_exports() -> String {
+    PASSED_THROUGH_ENV
+        .iter()
+        .filter_map(|name| {
+            let value = std::env::var(name).ok()?;
+            Some(format!("export {name}={}\n", shell_quote(&value)))
+        })
+        .collect()
+}
+
+/// Whether a `#!` line runs a POSIX shell, which understands the export lines.
+fn is_shell(interpreter: &str) -> bool {
+    let program = interpreter.split_whitespace().next().unwrap_or_default();
+    let name = program.rsplit('/').next().unwrap_or_default();
+    matches!(name, "sh" | "bash" | "dash" | "ash")
+}
+
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
 }
 
 fn write_script(dir: &Path, script: &str) -> Result<PathBuf, RunnerError> {
@@ -213,10 +250,16 @@ fn write_script(dir: &Path, script: &str) -> Result<PathBuf, RunnerError> {
     std::fs::create_dir_all(&scripts).map_err(io_error)?;
     let sequence = SCRIPT_SEQUENCE.fetch_add(1, Ordering::Relaxed);
     let path = scripts.join(format!("run-{}-{sequence}.sh", std::process::id()));
-    let body = if script.starts_with("#!") {
-        script.to_string()
-    } else {
-        format!("#!/bin/bash\n{script}\n")
+    let exports = passed_through_exports();
+    let body = match script
+        .strip_prefix("#!")
+        .map(|rest| rest.split_once('\n').unwrap_or((rest, "")))
+    {
+        None => format!("#!/bin/bash\n{exports}{script}\n"),
+        Some((interpreter, rest)) if is_shell(interpreter) => {
+            format!("#!{interpreter}\n{exports}{rest}")
+        }
+        Some(_) => script.to_string(),
     };
     std::fs::write(&path, body).map_err(io_error)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(io_error)?;
@@ -456,18 +499,26 @@ mod tests {
     }
 
     #[test]
+    fn quotes_values_for_the_shell() {
+        assert_eq!(shell_quote("debug"), "'debug'");
+        assert_eq!(shell_quote("it's $HOME"), r"'it'\''s $HOME'");
+        assert!(is_shell("/bin/sh") && is_shell("/usr/bin/bash -e") && is_shell("/bin/dash"));
+        assert!(
+            !is_shell("/usr/bin/python3") && !is_shell("/usr/bin/env python3") && !is_shell("")
+        );
+    }
+
+    #[test]
     fn scripts_get_a_bash_shebang_unless_they_have_one() {
-        let dir = runner_dir().join("script-test");
+        let dir = runner_dir().join(format!("script-test-{}", std::process::id()));
+        let exports = passed_through_exports();
+        let read = |path: &Path| std::fs::read_to_string(path).unwrap();
         let plain = write_script(&dir, "echo hi").unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&plain).unwrap(),
-            "#!/bin/bash\necho hi\n"
-        );
-        let own = write_script(&dir, "#!/bin/sh\necho hi\n").unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&own).unwrap(),
-            "#!/bin/sh\necho hi\n"
-        );
+        assert_eq!(read(&plain), format!("#!/bin/bash\n{exports}echo hi\n"));
+        let own = write_script(&dir, "#!/bin/sh -e\necho hi\n").unwrap();
+        assert_eq!(read(&own), format!("#!/bin/sh -e\n{exports}echo hi\n"));
+        let python = write_script(&dir, "#!/usr/bin/python3\nprint(1)\n").unwrap();
+        assert_eq!(read(&python), "#!/usr/bin/python3\nprint(1)\n");
         assert_ne!(plain, own);
         let _ = std::fs::remove_dir_all(&dir);
     }
