@@ -37,9 +37,11 @@ mod images;
 mod lock;
 mod paths;
 mod runner;
+mod scenario;
 
 pub use base64::{base64_encode, guest_run_arg, KERNEL_CMDLINE_MAX};
 pub use binary::tapir_binary;
 pub use images::{guest_images, GuestImages};
 pub use paths::{repo_root, runner_dir};
 pub use runner::{Mode, RunOutcome, Runner, RunnerError};
+pub use scenario::{Scenario, ScenarioOutcome};
