@@ -99,6 +99,11 @@ impl Scenario {
     pub fn guest(&mut self, vm: &str, vcpus: u8, nics: &str, guest_script: &str) -> Result<PathBuf, RunnerError> {
         let io = |e: std::io::Error| RunnerError::Setup(format!("scenario {}: {e}", self.dir.display()));
         let mut initrd = std::fs::read(&self.images.guest_initramfs).map_err(io)?;
+        // The kernel looks for the next archive's magic only at 4-byte offsets, and
+        // skips zero padding to get there.
+        while initrd.len() % 4 != 0 {
+            initrd.push(0);
+        }
         initrd.extend_from_slice(&newc_archive("etc/tapir/run", 0o100755, guest_script.as_bytes()));
         let initrd_path = self.dir.join(format!("{vm}.initrd"));
         std::fs::write(&initrd_path, initrd).map_err(io)?;
