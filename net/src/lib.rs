@@ -1,1 +1,3 @@
-pub mod backend; pub mod mac;
+pub mod backend;
+pub mod mac;
+pub mod nat;
