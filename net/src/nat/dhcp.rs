@@ -247,10 +247,7 @@ impl Engine {
         }
         let server = self.p.host;
         let reply = match req.msg_type {
-            DHCP_DISCOVER => match self.dhcp.offer(req.chaddr, req.requested_ip) {
-                Some(ip) => Some((DHCP_OFFER, ip)),
-                None => None,
-            },
+            DHCP_DISCOVER => self.dhcp.offer(req.chaddr, req.requested_ip).map(|ip| (DHCP_OFFER, ip)),
             DHCP_REQUEST => {
                 if req.server_id.is_some_and(|s| s != server) {
                     // The client took another server's offer.
@@ -303,7 +300,7 @@ impl Engine {
         };
         let mut buf = vec![0u8; ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN + body.len()];
         buf[ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN..].copy_from_slice(&body);
-        let n = write_udp_frame(&mut buf, eth_dst, self.gw_mac, (server, 67), (ip_dst, 68), body.len(), true);
+        let n = write_udp_frame(&mut buf, eth_dst, self.gw_mac, (server, 67), (ip_dst, 68), body.len(), CsumMode::Full);
         buf.truncate(n);
         self.emit(Proto::Dhcp, VnetHdr::default(), buf);
     }

@@ -37,6 +37,9 @@ impl IcmpMode {
     }
 }
 
+/// (source, id as received, sequence number, data)
+pub type EchoReply = (Ipv4Addr, u16, u16, Vec<u8>);
+
 /// A socket that carries echo requests to a host destination.
 pub struct EchoSocket {
     pub mode: IcmpMode,
@@ -76,7 +79,7 @@ impl EchoSocket {
         }
     }
     /// Reads one echo reply: (source, id as received, seq, data). `Ok(None)` for other ICMP.
-    pub fn recv_echo_reply(&self, buf: &mut [u8]) -> io::Result<Option<(Ipv4Addr, u16, u16, Vec<u8>)>> {
+    pub fn recv_echo_reply(&self, buf: &mut [u8]) -> io::Result<Option<EchoReply>> {
         let (n, from) = sys::recvfrom(self.raw_fd(), buf)?;
         let bytes = buf.get(..n).unwrap_or(&[]);
         let icmp_bytes = match self.mode {

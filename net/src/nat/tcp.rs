@@ -72,6 +72,8 @@ pub struct TcpFlow {
     fin_sent: bool,
     fin_acked: bool,
     host_readable: bool,
+    /// The host sent FIN (EPOLLRDHUP seen): a short read no longer means "drained".
+    host_rdhup: bool,
     guest_wnd: u32,
     guest_ws: u8,
     ws_ok: bool,
@@ -184,9 +186,18 @@ fn connect_error_is_unreachable(e: &io::Error) -> Option<u8> {
 }
 
 impl Engine {
+    /// With checksum offload, frames carry only the pseudo-header sum and NEEDS_CSUM: a
+    /// virtio guest accepts that on receive, and a tap (which reads our frames as a
+    /// guest's transmit) honours nothing else, DATA_VALID included.
     fn tcp_csum_mode(&self) -> (CsumMode, VnetHdr) {
         if self.rx_csum_offload() {
-            (CsumMode::None, VnetHdr { flags: VnetHdr::FLAG_DATA_VALID, ..Default::default() })
+            let hdr = VnetHdr {
+                flags: VnetHdr::FLAG_NEEDS_CSUM,
+                csum_start: (ETH_HDR_LEN + IPV4_HDR_LEN) as u16,
+                csum_offset: 16,
+                ..Default::default()
+            };
+            (CsumMode::Partial, hdr)
         } else {
             (CsumMode::Full, VnetHdr::default())
         }
@@ -389,6 +400,7 @@ impl Engine {
             fin_sent: false,
             fin_acked: false,
             host_readable: false,
+            host_rdhup: false,
             guest_wnd: seg.window() as u32,
             guest_ws: opts.window_scale.unwrap_or(0),
             ws_ok: opts.window_scale.is_some(),
@@ -665,6 +677,9 @@ impl Engine {
                 return self.tcp_close(h, true, false);
             }
         }
+        if events & (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
+            f.host_rdhup = true;
+        }
         if events & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP) as u32 != 0 {
             f.host_readable = true;
             self.tcp_mark_ready(h);
@@ -752,7 +767,9 @@ impl Engine {
             self.counters.count_out(Proto::Tcp, len);
             return Some((VnetHdr::default(), len));
         }
-        if n < want {
+        if n < want && !f.host_rdhup {
+            // Drained; the next arrival raises a new edge. After the host's FIN there is
+            // no further edge, so keep reading until the peek reports end of stream.
             f.host_readable = false;
         }
         f.snd_nxt = f.snd_nxt.wrapping_add(n as u32);
@@ -819,6 +836,7 @@ impl Engine {
             fin_sent: false,
             fin_acked: false,
             host_readable: false,
+            host_rdhup: false,
             guest_wnd: 0,
             guest_ws: 0,
             ws_ok: false,

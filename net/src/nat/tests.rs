@@ -94,7 +94,7 @@ impl Guest {
 pub fn udp_frame(gw_mac: MacAddr, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
     let mut b = vec![0u8; 42 + payload.len()];
     b[42..].copy_from_slice(payload);
-    let n = write_udp_frame(&mut b, gw_mac, GUEST_MAC, src, dst, payload.len(), true);
+    let n = write_udp_frame(&mut b, gw_mac, GUEST_MAC, src, dst, payload.len(), CsumMode::Full);
     b.truncate(n);
     b
 }
@@ -160,6 +160,15 @@ pub fn parse(f: &Frame) -> Option<Parsed> {
     }
     let ip = Ipv4Packet::new(eth.payload()).ok()?;
     assert!(ip.header_checksum_ok(), "NAT produced a bad IP header checksum");
+    if f.0.flags & VnetHdr::FLAG_NEEDS_CSUM != 0 {
+        // Finish the partial checksum the way the receiver would, then check it.
+        assert_eq!(f.0.csum_start as usize, ETH_HDR_LEN + ip.header_len());
+        let mut l4 = ip.payload().to_vec();
+        let at = f.0.csum_offset as usize;
+        let c = !csum_fold(csum_partial(&l4, 0));
+        l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        assert!(l4_checksum_ok(ip.src(), ip.dst(), ip.protocol(), &l4), "bad partial checksum");
+    }
     let trusted = f.0.flags & (VnetHdr::FLAG_DATA_VALID | VnetHdr::FLAG_NEEDS_CSUM) != 0;
     if !trusted && ip.protocol() != IPPROTO_ICMP {
         let ok = l4_checksum_ok(ip.src(), ip.dst(), ip.protocol(), ip.payload())
@@ -175,7 +184,10 @@ pub fn parse(f: &Frame) -> Option<Parsed> {
     })
 }
 
-pub fn tcp_of(f: &Frame) -> Option<(Parsed, u16, u16, u32, u32, u8, u16, Vec<u8>)> {
+/// (frame, sport, dport, seq, ack, flags, window, payload)
+pub type TcpView = (Parsed, u16, u16, u32, u32, u8, u16, Vec<u8>);
+
+pub fn tcp_of(f: &Frame) -> Option<TcpView> {
     let p = parse(f)?;
     if p.proto != IPPROTO_TCP {
         return None;
@@ -293,13 +305,15 @@ fn dhcp_msg(msg_type: u8, extra: &[u8], end: bool) -> Vec<u8> {
 fn dhcp_send(g: &mut Guest, msg: &[u8]) {
     let mut b = vec![0u8; 42 + msg.len()];
     b[42..].copy_from_slice(msg);
-    let n = write_udp_frame(&mut b, MacAddr::BROADCAST, GUEST_MAC, (Ipv4Addr::UNSPECIFIED, 68), (Ipv4Addr::BROADCAST, 67), msg.len(), true);
+    let n = write_udp_frame(&mut b, MacAddr::BROADCAST, GUEST_MAC, (Ipv4Addr::UNSPECIFIED, 68), (Ipv4Addr::BROADCAST, 67), msg.len(), CsumMode::Full);
     b.truncate(n);
     g.send(&b);
 }
 
 /// (message type, yiaddr, options as (code, body))
-fn dhcp_reply(f: &Frame) -> Option<(u8, Ipv4Addr, Vec<(u8, Vec<u8>)>)> {
+type DhcpView = (u8, Ipv4Addr, Vec<(u8, Vec<u8>)>);
+
+fn dhcp_reply(f: &Frame) -> Option<DhcpView> {
     let p = parse(f)?;
     let udp = UdpPacket::new(&p.l4).ok()?;
     if udp.src_port() != 67 || udp.dst_port() != 68 {

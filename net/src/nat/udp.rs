@@ -146,10 +146,19 @@ impl Engine {
         }
         let mut buf = vec![0u8; hdrs + data.len()];
         buf[hdrs..].copy_from_slice(data);
-        let offload = self.rx_csum_offload();
-        let n = write_udp_frame(&mut buf, mac, self.gw_mac, src, dst, data.len(), !offload);
+        let (mode, hdr) = if self.rx_csum_offload() {
+            let hdr = VnetHdr {
+                flags: VnetHdr::FLAG_NEEDS_CSUM,
+                csum_start: (ETH_HDR_LEN + IPV4_HDR_LEN) as u16,
+                csum_offset: 6,
+                ..Default::default()
+            };
+            (CsumMode::Partial, hdr)
+        } else {
+            (CsumMode::Full, VnetHdr::default())
+        };
+        let n = write_udp_frame(&mut buf, mac, self.gw_mac, src, dst, data.len(), mode);
         buf.truncate(n);
-        let hdr = if offload { VnetHdr { flags: VnetHdr::FLAG_DATA_VALID, ..Default::default() } } else { VnetHdr::default() };
         self.emit(proto, hdr, buf);
     }
 

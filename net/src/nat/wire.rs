@@ -370,7 +370,7 @@ impl<'a> UdpPacket<'a> {
 }
 
 /// Writes Ethernet + IPv4 + UDP headers around a payload already placed at
-/// `buf[42..42+payload_len]`; returns the frame length. `csum` false leaves the UDP
+/// `buf[42..42+payload_len]`; returns the frame length. `CsumMode::None` leaves the UDP
 /// checksum 0 ("none"), which IPv4 allows.
 #[allow(clippy::too_many_arguments)]
 pub fn write_udp_frame(
@@ -380,7 +380,7 @@ pub fn write_udp_frame(
     src: (Ipv4Addr, u16),
     dst: (Ipv4Addr, u16),
     payload_len: usize,
-    csum: bool,
+    csum: CsumMode,
 ) -> usize {
     let l4_len = UDP_HDR_LEN + payload_len;
     let total = ETH_HDR_LEN + IPV4_HDR_LEN + l4_len;
@@ -394,12 +394,17 @@ pub fn write_udp_frame(
     put16(u, 2, dst.1);
     put16(u, 4, l4_len as u16);
     put16(u, 6, 0);
-    if csum {
-        let mut c = !csum_fold(csum_partial(u, pseudo_header_sum(src.0, dst.0, IPPROTO_UDP, l4_len)));
-        if c == 0 {
-            c = 0xffff;
+    let ph = pseudo_header_sum(src.0, dst.0, IPPROTO_UDP, l4_len);
+    match csum {
+        CsumMode::Full => {
+            let mut c = !csum_fold(csum_partial(u, ph));
+            if c == 0 {
+                c = 0xffff;
+            }
+            put16(u, 6, c);
         }
-        put16(u, 6, c);
+        CsumMode::Partial => put16(u, 6, csum_fold(ph)),
+        CsumMode::None => {}
     }
     total
 }
