@@ -129,7 +129,8 @@ fn main() {
     while !STOP.load(Ordering::Relaxed) {
         // SAFETY: two live pollfds.
         unsafe { libc::poll(pfds.as_mut_ptr(), 2, 1000) };
-        for _ in 0..256 {
+        let tap_ready = pfds[0].revents & libc::POLLIN != 0;
+        for _ in 0..if tap_ready { 256 } else { 0 } {
             // SAFETY: reads at most the buffer's length into it.
             let n = unsafe { libc::read(tap_fd, from_tap.as_mut_ptr() as *mut libc::c_void, from_tap.len()) };
             if n <= 0 {

@@ -13,6 +13,8 @@ pub mod counters;
 mod dhcp;
 mod dns;
 mod engine;
+#[doc(hidden)]
+pub mod fuzz;
 mod hostfwd;
 mod icmp;
 mod slab;

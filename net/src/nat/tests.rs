@@ -1021,3 +1021,121 @@ fn counters_are_filled() {
         assert!(c.gauges.iter().any(|(n, _)| *n == name), "{name}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Limits and failures
+
+/// Runs `f` on a thread moved into a fresh network namespace: its sockets see only a
+/// private, down loopback and no routes, so nothing can leave. Skips without root.
+fn in_private_netns(f: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        // SAFETY: plain syscall; affects only this thread.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            eprintln!("no CAP_SYS_ADMIN for a private netns; skipping");
+            return;
+        }
+        f()
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn tcp_to_an_unreachable_network_gets_icmp_unreachable() {
+    in_private_netns(|| {
+        let mut g = Guest::new(&cfg());
+        // No route exists in the private namespace: connect() fails with ENETUNREACH.
+        let dst = (Ipv4Addr::new(192, 0, 2, 1), 80);
+        g.send(&tcp_frame(g.gw_mac, 48000, dst, 1, 0, TCP_SYN, &[], true));
+        let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_ICMP)).expect("ICMP unreachable");
+        let p = parse(&f).unwrap();
+        let icmp = IcmpPacket::new(&p.l4).unwrap();
+        assert_eq!(icmp.icmp_type(), ICMP_DEST_UNREACH);
+        assert!(matches!(icmp.code(), ICMP_NET_UNREACH | ICMP_HOST_UNREACH));
+        assert!(icmp.checksum_ok());
+        // The quote is the guest's SYN: its IP header and ports.
+        assert_eq!(icmp.data().len(), 28);
+        assert_eq!(&icmp.data()[20..22], &48000u16.to_be_bytes());
+        assert_eq!(&icmp.data()[16..20], &[192, 0, 2, 1]);
+        assert_eq!(p.src, Ipv4Addr::new(192, 0, 2, 1));
+        assert_eq!(gauge(&g, "tcp_flows_open"), 0);
+    });
+}
+
+#[test]
+fn half_open_cap_drops_extra_syns() {
+    // A listener that never accepts and a backlog of 0: once its queue is full, further
+    // connects stay pending (their SYNs are dropped), i.e. half-open.
+    let stuck = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = stuck.local_addr().unwrap().port();
+    // SAFETY: plain syscall on a socket we own.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&stuck), 0) };
+    let _filler1 = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let _filler2 = TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200));
+    let mut g = Guest::new(&UserNetConfig { max_half_open: 1, ..cfg() });
+    g.send(&tcp_frame(g.gw_mac, 48010, (GW, port), 1, 0, TCP_SYN, &[], true));
+    g.drain(50);
+    if gauge(&g, "tcp_half_open") != 1 {
+        eprintln!("kernel completed the connect despite the full backlog; skipping");
+        return;
+    }
+    g.send(&tcp_frame(g.gw_mac, 48011, (GW, port), 1, 0, TCP_SYN, &[], true));
+    g.drain(20);
+    assert_eq!(g.net.dropped(DropReason::HalfOpenLimit), 1);
+    assert_eq!(gauge(&g, "tcp_flows_open"), 1);
+}
+
+#[test]
+fn idle_udp_flows_expire() {
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let mut g = Guest::new(&UserNetConfig { udp_idle_timeout_secs: 1, ..cfg() });
+    g.udp(48020, (GW, port), b"x");
+    assert_eq!(gauge(&g, "udp_flows_open"), 1);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while gauge(&g, "udp_flows_open") != 0 && Instant::now() < deadline {
+        g.drain(100);
+    }
+    assert_eq!(gauge(&g, "udp_flows_open"), 0);
+}
+
+#[test]
+fn ping_elsewhere_is_restricted_in_restrict_mode() {
+    let mut g = Guest::new(&UserNetConfig { restrict: true, ..cfg() });
+    g.send(&icmp_echo_frame(g.gw_mac, Ipv4Addr::new(192, 0, 2, 1), 1, 1, b"x"));
+    assert!(g.drain(20).is_empty());
+    assert_eq!(g.net.dropped(DropReason::Restricted), 1);
+    assert_eq!(gauge(&g, "icmp_flows_open"), 0);
+}
+
+#[test]
+fn ping_elsewhere_goes_through_an_icmp_socket() {
+    in_private_netns(|| {
+        // Loopback up inside the private namespace gives a reachable, private target.
+        let st = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status();
+        if !matches!(st, Ok(s) if s.success()) {
+            eprintln!("cannot bring lo up; skipping");
+            return;
+        }
+        let out = std::process::Command::new("ip").args(["addr", "add", "192.0.2.77/32", "dev", "lo"]).status();
+        if !matches!(out, Ok(s) if s.success()) {
+            eprintln!("cannot add an address; skipping");
+            return;
+        }
+        let mut g = Guest::new(&cfg());
+        if IcmpMode::detect() == IcmpMode::Unavailable {
+            eprintln!("no ICMP sockets allowed; skipping");
+            return;
+        }
+        let dst = Ipv4Addr::new(192, 0, 2, 77);
+        g.send(&icmp_echo_frame(g.gw_mac, dst, 0x3131, 9, b"through a socket"));
+        let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_ICMP)).expect("echo reply");
+        let p = parse(&f).unwrap();
+        let icmp = IcmpPacket::new(&p.l4).unwrap();
+        assert_eq!((p.src, p.dst), (dst, GUEST_IP));
+        assert_eq!((icmp.icmp_type(), icmp.ident(), icmp.seq_no()), (ICMP_ECHO_REPLY, 0x3131, 9));
+        assert_eq!(icmp.data(), b"through a socket");
+        assert!(icmp.checksum_ok());
+        assert_eq!(gauge(&g, "icmp_flows_open"), 1);
+    });
+}
