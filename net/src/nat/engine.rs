@@ -26,6 +26,7 @@ pub const TOKEN_ICMP: u8 = 5;
 pub const TOKEN_ICMP_RAW: u8 = 6;
 pub const TOKEN_FWD_TCP: u8 = 7;
 pub const TOKEN_FWD_UDP: u8 = 8;
+pub const TOKEN_ACK_TIMER: u8 = 9;
 
 /// Frames waiting for the guest beyond this many are dropped and counted.
 const OUT_QUEUE_CAP: usize = 4096;
@@ -53,7 +54,12 @@ pub struct Engine {
     pub epoll: Epoll,
     kick: EventFd,
     kicked: bool,
+    in_recv: bool,
     timer: TimerFd,
+    /// One-shot timer for delayed ACKs.
+    pub ack_timer: TimerFd,
+    /// The last `recv` returned nothing: the next one starts with a look at the sockets.
+    idle: bool,
     pub out: VecDeque<OutFrame>,
     pub rx_offloads: Offloads,
     pub counters: NatCounters,
@@ -75,7 +81,9 @@ impl Engine {
         let epoll = Epoll::new()?;
         let kick = EventFd::new()?;
         let timer = TimerFd::new()?;
+        let ack_timer = TimerFd::new()?;
         epoll.add(kick.raw(), libc::EPOLLIN as u32, (TOKEN_KICK as u64) << 56)?;
+        epoll.add(ack_timer.raw(), libc::EPOLLIN as u32, (TOKEN_ACK_TIMER as u64) << 56)?;
         epoll.add(timer.raw(), libc::EPOLLIN as u32, (TOKEN_TIMER as u64) << 56)?;
         fwd.register(&epoll)?;
         let h = p.host.octets();
@@ -89,7 +97,10 @@ impl Engine {
             epoll,
             kick,
             kicked: false,
+            in_recv: false,
             timer,
+            ack_timer,
+            idle: true,
             out: VecDeque::new(),
             rx_offloads: Offloads::NONE,
             counters: NatCounters::new(),
@@ -106,9 +117,10 @@ impl Engine {
         })
     }
 
-    /// Makes the poll fd readable so the frontend calls `recv`.
+    /// Makes the poll fd readable so the frontend calls `recv`. Inside `recv` there is no
+    /// need: the frontend calls it until it returns nothing.
     pub fn kick(&mut self) {
-        if !self.kicked {
+        if !self.kicked && !self.in_recv {
             self.kick.signal();
             self.kicked = true;
         }
@@ -334,7 +346,23 @@ impl Engine {
 
     /// One frame for the guest, doing host-side work as needed.
     pub fn next_frame(&mut self, buf: &mut [u8]) -> Option<(VnetHdr, usize)> {
-        let mut polled = false;
+        self.in_recv = true;
+        let r = self.next_frame_inner(buf);
+        self.in_recv = false;
+        r
+    }
+
+    fn next_frame_inner(&mut self, buf: &mut [u8]) -> Option<(VnetHdr, usize)> {
+        // After handing out a frame, an empty queue may return nothing without another
+        // epoll_wait: events that arrived since keep the poll fd readable. Only a fresh
+        // wake-up, or a kick that would otherwise stay readable, needs a look.
+        let mut polled = !self.idle && !self.kicked;
+        let r = self.next_frame_loop(buf, &mut polled);
+        self.idle = r.is_none();
+        r
+    }
+
+    fn next_frame_loop(&mut self, buf: &mut [u8], polled: &mut bool) -> Option<(VnetHdr, usize)> {
         loop {
             if let Some(f) = self.out.pop_front() {
                 if f.data.len() > buf.len() {
@@ -347,9 +375,9 @@ impl Engine {
             if let Some(r) = self.tcp_next_ack(buf) {
                 return Some(r);
             }
-            if !polled && (self.frames_since_poll >= FRAMES_PER_POLL || !self.tcp.has_ready()) {
+            if self.frames_since_poll >= FRAMES_PER_POLL || (!*polled && !self.tcp.has_ready()) {
                 self.poll();
-                polled = true;
+                *polled = true;
                 self.frames_since_poll = 0;
                 continue;
             }
@@ -389,6 +417,10 @@ impl Engine {
                 TOKEN_TIMER => {
                     self.timer.drain();
                     self.on_tick();
+                }
+                TOKEN_ACK_TIMER => {
+                    self.ack_timer.fired();
+                    self.tcp_delayed_acks_due();
                 }
                 TOKEN_TCP => self.tcp_event(h, bits),
                 TOKEN_UDP => self.udp_event(h),

@@ -285,9 +285,24 @@ impl TimerFd {
         unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
         self.armed = period.is_some();
     }
-    pub fn drain(&self) {
+    /// Fires once after `after`.
+    pub fn set_oneshot(&mut self, after: Duration) {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec { tv_sec: after.as_secs() as libc::time_t, tv_nsec: after.subsec_nanos().max(1) as libc::c_long },
+        };
+        // SAFETY: passes a live itimerspec; the old value is not requested.
+        unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        self.armed = true;
+    }
+    pub fn drain(&mut self) {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64.
         unsafe { libc::read(self.fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    }
+    /// A one-shot timer has fired and been drained.
+    pub fn fired(&mut self) {
+        self.drain();
+        self.armed = false;
     }
 }

@@ -41,6 +41,8 @@ const RTO: Duration = Duration::from_millis(1000);
 const SYN_RETRY: Duration = Duration::from_millis(1000);
 const EPOLL_FLAGS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 const HDRS: usize = ETH_HDR_LEN + IPV4_HDR_LEN + TCP_HDR_LEN;
+/// A small guest segment's ACK waits this long for host data to ride on.
+const ACK_DELAY: Duration = Duration::from_micros(500);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcpState {
@@ -88,6 +90,8 @@ pub struct TcpFlow {
     guest_fin: bool,
     shut_wr: bool,
     ack_due: bool,
+    /// An ACK owed for a small segment, held back for a reply to carry it.
+    ack_delayed: bool,
     last_wnd_sent: u32,
 
     in_ready: bool,
@@ -142,6 +146,7 @@ pub struct TcpTable {
     by_key: HashMap<TcpKey, Handle>,
     ready: VecDeque<Handle>,
     ack_list: VecDeque<Handle>,
+    delayed_acks: Vec<Handle>,
     half_open: usize,
     isn_state: u64,
 }
@@ -221,8 +226,30 @@ impl Engine {
         self.emit(Proto::Tcp, VnetHdr::default(), buf);
     }
 
+    /// Holds the ACK for a small segment back briefly, so the reply carries it.
+    fn tcp_delay_ack(&mut self, h: Handle) {
+        let Some(f) = self.tcp.flows.get_mut(h) else { return };
+        if f.ack_due || f.ack_delayed {
+            return self.tcp_mark_ack(h);
+        }
+        f.ack_delayed = true;
+        self.tcp.delayed_acks.push(h);
+        if !self.ack_timer.is_armed() {
+            self.ack_timer.set_oneshot(ACK_DELAY);
+        }
+    }
+
+    pub fn tcp_delayed_acks_due(&mut self) {
+        for h in std::mem::take(&mut self.tcp.delayed_acks) {
+            if self.tcp.flows.get(h).is_some_and(|f| f.ack_delayed) {
+                self.tcp_mark_ack(h);
+            }
+        }
+    }
+
     fn tcp_mark_ack(&mut self, h: Handle) {
         let Some(f) = self.tcp.flows.get_mut(h) else { return };
+        f.ack_delayed = false;
         f.ack_due = true;
         if !f.in_ack_list {
             f.in_ack_list = true;
@@ -247,7 +274,7 @@ impl Engine {
                 let seq = f.seq_next();
                 self.tcp_emit_ctl(h, seq, TCP_RST | TCP_ACK, false);
             }
-        } else if self.tcp.flows.get(h).is_some_and(|f| f.ack_due) {
+        } else if self.tcp.flows.get(h).is_some_and(|f| f.ack_due || f.ack_delayed) {
             let seq = self.tcp.flows.get(h).map(|f| f.seq_next()).unwrap_or(0);
             self.tcp_emit_ctl(h, seq, TCP_ACK, false);
         }
@@ -413,6 +440,7 @@ impl Engine {
             guest_fin: false,
             shut_wr: false,
             ack_due: false,
+            ack_delayed: false,
             last_wnd_sent: PENDING_CAP as u32,
             in_ready: false,
             in_ack_list: false,
@@ -615,7 +643,11 @@ impl Engine {
             f.pending.extend_from_slice(&rest[..take]);
         }
         f.rcv_nxt = f.rcv_nxt.wrapping_add((accepted + take) as u32);
-        self.tcp_mark_ack(h);
+        if payload.len() < f.mss && take == 0 {
+            self.tcp_delay_ack(h);
+        } else {
+            self.tcp_mark_ack(h);
+        }
     }
 
     /// Writes held guest data to the host socket.
@@ -762,6 +794,7 @@ impl Engine {
             f.host_readable = false;
             f.fin_sent = true;
             f.ack_due = false;
+            f.ack_delayed = false;
             let th = f.header(seq, TCP_FIN | TCP_ACK);
             let len = write_tcp_frame(buf, f.guest_mac, gw_mac, &th, 0, CsumMode::Full);
             self.counters.count_out(Proto::Tcp, len);
@@ -774,6 +807,7 @@ impl Engine {
         }
         f.snd_nxt = f.snd_nxt.wrapping_add(n as u32);
         f.ack_due = false;
+        f.ack_delayed = false;
         f.last_wnd_sent = f.window_bytes();
         let th = f.header(seq, TCP_ACK | TCP_PSH);
         let (mode, hdr) = if n > f.mss {
@@ -849,6 +883,7 @@ impl Engine {
             guest_fin: false,
             shut_wr: false,
             ack_due: false,
+            ack_delayed: false,
             last_wnd_sent: PENDING_CAP as u32,
             in_ready: false,
             in_ack_list: false,

@@ -1139,3 +1139,25 @@ fn ping_elsewhere_goes_through_an_icmp_socket() {
         assert_eq!(gauge(&g, "icmp_flows_open"), 1);
     });
 }
+
+#[test]
+fn small_segments_are_acked_after_a_short_delay_without_a_reply() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut b = [0u8; 3];
+        s.read_exact(&mut b).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let mut g = Guest::new(&cfg());
+    let mut c = GuestTcp::connect(&mut g, 48100, (GW, port)).expect("handshake");
+    g.drain(0);
+    c.send(&mut g, b"abc");
+    let sent = Instant::now();
+    let ack = g.wait(|f| tcp_of(f).is_some_and(|t| t.4 == c.seq && t.7.is_empty())).expect("delayed ACK");
+    assert!(sent.elapsed() < Duration::from_millis(100));
+    assert_eq!(tcp_of(&ack).unwrap().5, TCP_ACK);
+    server.join().unwrap();
+}
