@@ -9,12 +9,14 @@
 # ping-pong latency at MTU 1500.
 #
 # Needs root and the Debian packages slirp4netns, passt, iperf3, sockperf.
-# Env: NAT_BENCH_SECONDS (default 5) per iperf3/sockperf run.
+# Env: NAT_BENCH_SECONDS (default 5) per iperf3 run; NAT_BENCH_LAT_SECONDS (default 3)
+# per sockperf round; NAT_BENCH_LAT_ROUNDS (default 3) interleaved latency rounds.
 # Last line: "nat ratio tapir/best-peer: min=N.NN" over the four throughput cells.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 T=${NAT_BENCH_SECONDS:-5}
+LAT_T=${NAT_BENCH_LAT_SECONDS:-3}
 NS=tapirnat$$
 IPERF_PORT=$((20000 + $$ % 10000))
 SOCKPERF_PORT=$((IPERF_PORT + 1))
@@ -102,7 +104,7 @@ PY
 }
 
 sockperf_p50() {
-    in_ns timeout $((T + 20)) sockperf ping-pong --tcp -i "$GW" -p "$SOCKPERF_PORT" -t "$T" \
+    in_ns timeout $((T + 20)) sockperf ping-pong --tcp -i "$GW" -p "$SOCKPERF_PORT" -t "$LAT_T" \
         >"$WORK/sockperf.txt" 2>&1 || true
     awk '/percentile 50.000/ {print $NF; found=1} END {if (!found) print "nan"}' "$WORK/sockperf.txt"
 }
@@ -113,7 +115,7 @@ sockperf server --tcp -i 127.0.0.1 -p "$SOCKPERF_PORT" >/dev/null 2>&1 &
 SERVER_PIDS+=($!)
 sleep 0.5
 
-declare -A RES LAT
+declare -A RES LAT LATMED
 printf '%-12s %-10s %6s %10s\n' engine direction mtu Gbps
 for mtu in 1500 65520; do
     for engine in tapir slirp4netns pasta; do
@@ -124,14 +126,23 @@ for mtu in 1500 65520; do
         RES[$engine,down,$mtu]=$down
         printf '%-12s %-10s %6s %10s\n' "$engine" "ns->host" "$mtu" "$up"
         printf '%-12s %-10s %6s %10s\n' "$engine" "host->ns" "$mtu" "$down"
-        if [ "$mtu" = 1500 ]; then
-            LAT[$engine]=$(sockperf_p50)
-        fi
+        stop_engine
+    done
+done
+# Latency is measured in interleaved rounds (median of the rounds' p50s), so a burst of
+# load from elsewhere on the machine hits every engine alike.
+ROUNDS=${NAT_BENCH_LAT_ROUNDS:-3}
+for round in $(seq 1 "$ROUNDS"); do
+    for engine in tapir slirp4netns pasta; do
+        start_engine "$engine" 1500
+        LAT[$engine]="${LAT[$engine]:-} $(sockperf_p50)"
         stop_engine
     done
 done
 for engine in tapir slirp4netns pasta; do
-    printf '%-12s latency tcp ping-pong p50 mtu 1500: %s usec\n' "$engine" "${LAT[$engine]}"
+    med=$(echo "${LAT[$engine]}" | tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+    LATMED[$engine]=$med
+    printf '%-12s latency tcp ping-pong p50 mtu 1500: %s usec (rounds:%s)\n' "$engine" "$med" "${LAT[$engine]}"
 done
 if [ -s "$WORK/tapir.log" ]; then
     echo "tapir engine log (last run):"
@@ -150,5 +161,8 @@ for d, m in cells:
     r = t / best if best > 0 else float("inf")
     ratios.append(r)
     print("ratio %-4s mtu %5d: tapir %.2f / best peer %.2f = %.2f" % (d, m, t, best, r))
+lat = {"tapir": float("${LATMED[tapir]}"), "slirp4netns": float("${LATMED[slirp4netns]}"), "pasta": float("${LATMED[pasta]}")}
+best_lat = min(lat["slirp4netns"], lat["pasta"])
+print("latency p50 tapir %.3f usec vs best peer %.3f usec: %s" % (lat["tapir"], best_lat, "ok" if lat["tapir"] <= best_lat else "WORSE by %.1f%%" % (100 * (lat["tapir"] / best_lat - 1))))
 print("nat ratio tapir/best-peer: min=%.2f" % min(ratios))
 PY
