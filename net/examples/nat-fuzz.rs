@@ -94,7 +94,7 @@ fn main() {
             let (hdr, f) = fz.next_input();
             let _ = net.send(&hdr, &f);
             inputs += 1;
-            if inputs % 8 == 0 {
+            if inputs.is_multiple_of(8) {
                 while let Ok(Some(_)) = net.recv(&mut buf) {
                     frames_out += 1;
                 }

@@ -18,7 +18,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -30,11 +30,11 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
     pub fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
+        self.next_u64() % 100 < percent
     }
 }
 
@@ -191,7 +191,7 @@ impl FrameFuzzer {
                 2 => {
                     if !f.is_empty() {
                         let i = r.below(f.len());
-                        f[i] = r.next() as u8;
+                        f[i] = r.next_u64() as u8;
                     }
                 }
                 3 | 4 => {
@@ -209,7 +209,7 @@ impl FrameFuzzer {
                 6 => {
                     let extra = r.below(64);
                     for _ in 0..extra {
-                        f.push(r.next() as u8);
+                        f.push(r.next_u64() as u8);
                     }
                 }
                 7 => {
@@ -223,7 +223,7 @@ impl FrameFuzzer {
                     let i = r.below(f.len() + 1);
                     let n = r.below(8);
                     for k in 0..n {
-                        f.insert(i + k, r.next() as u8);
+                        f.insert(i + k, r.next_u64() as u8);
                     }
                 }
                 9 => {
@@ -239,7 +239,7 @@ impl FrameFuzzer {
                     if f.len() > 21 {
                         match r.below(3) {
                             0 => f[14] = 0x40 | (r.below(16) as u8),
-                            1 => f[20] = r.next() as u8,
+                            1 => f[20] = r.next_u64() as u8,
                             _ => {
                                 let v = r.below(f.len() + 64) as u16;
                                 f[16..18].copy_from_slice(&v.to_be_bytes());
@@ -248,12 +248,12 @@ impl FrameFuzzer {
                     }
                 }
                 _ => {
-                    hdr.flags = r.next() as u8 & 3;
+                    hdr.flags = r.next_u64() as u8 & 3;
                     hdr.gso_type = [0u8, 1, 3, 4, 0x81][r.below(5)];
-                    hdr.gso_size = r.next() as u16;
-                    hdr.csum_start = r.next() as u16;
-                    hdr.csum_offset = r.next() as u16;
-                    hdr.hdr_len = r.next() as u16;
+                    hdr.gso_size = r.next_u64() as u16;
+                    hdr.csum_start = r.next_u64() as u16;
+                    hdr.csum_offset = r.next_u64() as u16;
+                    hdr.hdr_len = r.next_u64() as u16;
                 }
             }
         }
