@@ -3,6 +3,7 @@
 //! the two until SIGTERM/SIGINT (then prints the NAT's counters to stderr).
 //!
 //! usage: tapir-nat-bench --netns /run/netns/NAME [--tap tap0] [--mtu 1500] [--no-offload]
+//!                        [--hostfwd RULE]... [--dns-upstream IP[:PORT]]
 //!
 //! The tap is opened inside the namespace and the process then returns to its own
 //! namespace, so the NAT's host sockets live where the host's services are.
@@ -95,7 +96,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let cfg = UserNetConfig { mtu, dns_upstream: Some("127.0.0.1".into()), ..Default::default() };
+    let hostfwd: Vec<String> =
+        args.windows(2).filter(|w| w[0] == "--hostfwd").map(|w| w[1].clone()).collect();
+    let dns_upstream = Some(arg("--dns-upstream").unwrap_or_else(|| "127.0.0.1".into()));
+    let cfg = UserNetConfig { mtu, dns_upstream, hostfwd, ..Default::default() };
     let mut net = match UserNet::new(&cfg) {
         Ok(n) => n,
         Err(e) => {
