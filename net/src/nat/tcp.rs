@@ -789,6 +789,10 @@ impl Engine {
             }
         };
         let seq = f.snd_nxt;
+        if f.inflight() == 0 {
+            // The retransmission clock starts with the first unacknowledged byte.
+            f.last_progress = self.now;
+        }
         if n == 0 {
             // End of stream from the host: FIN after everything we sent.
             f.host_readable = false;
@@ -941,6 +945,16 @@ impl Engine {
                         continue;
                     }
                     let outstanding = f.inflight() > 0 || (f.fin_sent && !f.fin_acked) || !f.syn_acked;
+                    let window_stuck = f.syn_acked && !outstanding && f.host_readable && f.guest_wnd == 0;
+                    if window_stuck && now.duration_since(f.last_progress) >= RTO {
+                        // Zero-window probe: an already-acknowledged sequence number makes
+                        // the guest answer with its current window, in case its window
+                        // update was lost.
+                        f.last_progress = now;
+                        let seq = f.snd_nxt.wrapping_sub(1);
+                        self.tcp_emit_ctl(h, seq, TCP_ACK, false);
+                        continue;
+                    }
                     if outstanding && now.duration_since(f.last_progress) >= RTO {
                         if !f.syn_acked {
                             f.last_progress = now;

@@ -1161,3 +1161,50 @@ fn small_segments_are_acked_after_a_short_delay_without_a_reply() {
     assert_eq!(tcp_of(&ack).unwrap().5, TCP_ACK);
     server.join().unwrap();
 }
+
+#[test]
+fn unacknowledged_data_is_resent_after_the_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"are you there?").unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+    });
+    let mut g = Guest::new(&cfg());
+    let c = GuestTcp::connect(&mut g, 48200, (GW, port)).expect("handshake");
+    let first = g.wait(|f| tcp_of(f).is_some_and(|t| !t.7.is_empty())).expect("data");
+    let sent = Instant::now();
+    assert_eq!(tcp_of(&first).unwrap().3, c.ack);
+    // Never ACK it: the NAT must send it again from the host socket's queue.
+    let again = g.wait(|f| tcp_of(f).is_some_and(|t| !t.7.is_empty())).expect("resent after RTO");
+    assert!(sent.elapsed() >= Duration::from_millis(900));
+    assert_eq!(tcp_of(&again).unwrap().3, c.ack);
+    assert_eq!(tcp_of(&again).unwrap().7, b"are you there?");
+    server.join().unwrap();
+}
+
+#[test]
+fn zero_window_is_probed() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        s.write_all(b"waiting for a window").unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+    });
+    let mut g = Guest::new(&cfg());
+    let c = GuestTcp::connect(&mut g, 48300, (GW, port)).expect("handshake");
+    // Close the window.
+    let mut f = tcp_frame(g.gw_mac, c.sport, c.dst, c.seq, c.ack, TCP_ACK, &[], false);
+    f[14 + 20 + 14] = 0;
+    f[14 + 20 + 15] = 0;
+    super::fuzz::fix_checksums(&mut f);
+    g.send(&f);
+    let probe = g.wait(|f| tcp_of(f).is_some_and(|t| t.3 == c.ack.wrapping_sub(1))).expect("window probe");
+    let t = tcp_of(&probe).unwrap();
+    assert!(t.7.is_empty());
+    assert!(!g.seen.iter().filter_map(tcp_of).any(|t| !t.7.is_empty()), "no data into a zero window");
+    server.join().unwrap();
+}
