@@ -22,7 +22,10 @@ fn main() {
 
     // SAFETY: plain syscall, before any thread exists.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        eprintln!("nat-fuzz: unshare(CLONE_NEWNET) failed (needs root): {}", std::io::Error::last_os_error());
+        eprintln!(
+            "nat-fuzz: unshare(CLONE_NEWNET) failed (needs root): {}",
+            std::io::Error::last_os_error()
+        );
         std::process::exit(1);
     }
     let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status();
@@ -88,7 +91,13 @@ fn main() {
     while Instant::now() < deadline {
         for _ in 0..256 {
             if fz.rng.chance(1) {
-                let o = Offloads { csum: fz.rng.chance(50), tso4: fz.rng.chance(50), tso6: false, tso_ecn: false, ufo: false };
+                let o = Offloads {
+                    csum: fz.rng.chance(50),
+                    tso4: fz.rng.chance(50),
+                    tso6: false,
+                    tso_ecn: false,
+                    ufo: false,
+                };
                 let _ = net.set_rx_offloads(o);
             }
             let (hdr, f) = fz.next_input();

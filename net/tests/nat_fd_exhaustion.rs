@@ -17,7 +17,15 @@ const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 fn udp(gw: MacAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![0u8; 42 + payload.len()];
     f[42..].copy_from_slice(payload);
-    let n = write_udp_frame(&mut f, gw, GUEST_MAC, (GUEST_IP, sport), (GW, dport), payload.len(), CsumMode::Full);
+    let n = write_udp_frame(
+        &mut f,
+        gw,
+        GUEST_MAC,
+        (GUEST_IP, sport),
+        (GW, dport),
+        payload.len(),
+        CsumMode::Full,
+    );
     f.truncate(n);
     f
 }
@@ -56,7 +64,12 @@ fn frames(net: &mut UserNet, wait: Duration) -> Vec<Vec<u8>> {
 
 fn highest_fd() -> u64 {
     std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok()).max().unwrap_or(2))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+                .max()
+                .unwrap_or(2)
+        })
         .unwrap_or(2)
 }
 

@@ -43,7 +43,8 @@ fn open_tap(name: &str, offload: bool) -> io::Result<OwnedFd> {
     for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
         *dst = src as libc::c_char;
     }
-    ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    ifr.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
     // SAFETY: the ioctls get a tun fd we own and pointers to live values of the right type.
     unsafe {
         tun_set_iff(fd.as_raw_fd(), &ifr).map_err(io::Error::from)?;
@@ -80,7 +81,8 @@ fn open_tap_in(netns: &str, name: &str, offload: bool) -> io::Result<OwnedFd> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let arg =
+        |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let Some(netns) = arg("--netns") else {
         eprintln!("usage: tapir-nat-bench --netns /run/netns/NAME [--tap tap0] [--mtu 1500] [--no-offload]");
         std::process::exit(2);
@@ -136,7 +138,9 @@ fn main() {
         let tap_ready = pfds[0].revents & libc::POLLIN != 0;
         for _ in 0..if tap_ready { 256 } else { 0 } {
             // SAFETY: reads at most the buffer's length into it.
-            let n = unsafe { libc::read(tap_fd, from_tap.as_mut_ptr() as *mut libc::c_void, from_tap.len()) };
+            let n = unsafe {
+                libc::read(tap_fd, from_tap.as_mut_ptr() as *mut libc::c_void, from_tap.len())
+            };
             if n <= 0 {
                 break;
             }
@@ -150,7 +154,9 @@ fn main() {
                     to_tap[..VnetHdr::LEN].copy_from_slice(&hdr.to_bytes());
                     let total = VnetHdr::LEN + len;
                     // SAFETY: writes `total` initialised bytes of the buffer.
-                    let w = unsafe { libc::write(tap_fd, to_tap.as_ptr() as *const libc::c_void, total) };
+                    let w = unsafe {
+                        libc::write(tap_fd, to_tap.as_ptr() as *const libc::c_void, total)
+                    };
                     if w < 0 {
                         let e = io::Error::last_os_error();
                         if e.raw_os_error() != Some(libc::EAGAIN) {

@@ -46,7 +46,15 @@ impl Engine {
     /// Asks who has `ip` on behalf of the gateway.
     pub fn send_arp_request(&mut self, ip: Ipv4Addr) {
         let mut buf = vec![0u8; ETH_HDR_LEN + ARP_LEN];
-        let n = write_arp(&mut buf, MacAddr::BROADCAST, ARP_REQUEST, self.gw_mac, self.p.host, MacAddr([0; 6]), ip);
+        let n = write_arp(
+            &mut buf,
+            MacAddr::BROADCAST,
+            ARP_REQUEST,
+            self.gw_mac,
+            self.p.host,
+            MacAddr([0; 6]),
+            ip,
+        );
         buf.truncate(n);
         self.emit(Proto::Arp, VnetHdr::default(), buf);
     }

@@ -187,7 +187,8 @@ impl UserNetConfig {
             icmp_idle: Duration::from_secs(self.icmp_idle_timeout_secs),
             tcp_connect_timeout: Duration::from_secs(self.tcp_connect_timeout_secs),
         };
-        let (net_addr, bcast, mask) = (u32::from(net), u32::from(p.broadcast()), prefix_mask(prefix));
+        let (net_addr, bcast, mask) =
+            (u32::from(net), u32::from(p.broadcast()), prefix_mask(prefix));
         let special = move |ip: Ipv4Addr| {
             let v = u32::from(ip);
             v == net_addr || v == bcast || v & mask != net_addr
@@ -263,16 +264,20 @@ impl UserNetConfig {
 
 /// Parses QEMU's `tcp:[hostaddr]:hostport-[guestaddr]:guestport`.
 pub fn parse_hostfwd(rule: &str) -> Result<HostFwd, ConfigError> {
-    let err = |reason: &str| ConfigError::HostFwd { rule: rule.to_string(), reason: reason.to_string() };
+    let err =
+        |reason: &str| ConfigError::HostFwd { rule: rule.to_string(), reason: reason.to_string() };
     let (proto, rest) = match rule.split_once(':') {
         Some(("tcp", r)) | Some(("", r)) => (FwdProto::Tcp, r),
         Some(("udp", r)) => (FwdProto::Udp, r),
         _ => return Err(err("expected 'tcp:' or 'udp:' prefix")),
     };
-    let (host_part, guest_part) =
-        rest.split_once('-').ok_or_else(|| err("expected '[hostaddr]:hostport-[guestaddr]:guestport'"))?;
-    let (haddr, hport) = host_part.rsplit_once(':').ok_or_else(|| err("missing ':' before host port"))?;
-    let (gaddr, gport) = guest_part.rsplit_once(':').ok_or_else(|| err("missing ':' before guest port"))?;
+    let (host_part, guest_part) = rest
+        .split_once('-')
+        .ok_or_else(|| err("expected '[hostaddr]:hostport-[guestaddr]:guestport'"))?;
+    let (haddr, hport) =
+        host_part.rsplit_once(':').ok_or_else(|| err("missing ':' before host port"))?;
+    let (gaddr, gport) =
+        guest_part.rsplit_once(':').ok_or_else(|| err("missing ':' before guest port"))?;
     let host_ip = if haddr.is_empty() {
         Ipv4Addr::LOCALHOST
     } else {
@@ -356,7 +361,15 @@ mod tests {
         let f = parse_hostfwd("udp:127.0.0.1:6000-10.0.2.15:7").unwrap();
         assert_eq!(f.proto, FwdProto::Udp);
         assert_eq!(f.guest_addr, Some(Ipv4Addr::new(10, 0, 2, 15)));
-        for bad in ["tcp:5555-:23", "sctp::1-:2", "tcp::1:2", "tcp::x-:2", "tcp::1-:0", "tcp::1-:70000", "tcp:::1-:2"] {
+        for bad in [
+            "tcp:5555-:23",
+            "sctp::1-:2",
+            "tcp::1:2",
+            "tcp::x-:2",
+            "tcp::1-:0",
+            "tcp::1-:70000",
+            "tcp:::1-:2",
+        ] {
             let e = parse_hostfwd(bad).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }

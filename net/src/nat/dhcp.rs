@@ -99,7 +99,10 @@ pub fn parse_request(msg: &[u8]) -> Result<DhcpRequest, DhcpError> {
         let (&len, rest) = rest.split_first().ok_or(DhcpError::Overlong(code))?;
         let body = rest.get(..len as usize).ok_or(DhcpError::Overlong(code))?;
         match code {
-            53 => req.msg_type = *body.first().filter(|_| body.len() == 1).ok_or(DhcpError::BadLength(53))?,
+            53 => {
+                req.msg_type =
+                    *body.first().filter(|_| body.len() == 1).ok_or(DhcpError::BadLength(53))?
+            }
             50 if body.len() == 4 => req.requested_ip = Some(ip4(body)),
             54 if body.len() == 4 => req.server_id = Some(ip4(body)),
             50 | 54 => return Err(DhcpError::BadLength(code)),
@@ -247,7 +250,9 @@ impl Engine {
         }
         let server = self.p.host;
         let reply = match req.msg_type {
-            DHCP_DISCOVER => self.dhcp.offer(req.chaddr, req.requested_ip).map(|ip| (DHCP_OFFER, ip)),
+            DHCP_DISCOVER => {
+                self.dhcp.offer(req.chaddr, req.requested_ip).map(|ip| (DHCP_OFFER, ip))
+            }
             DHCP_REQUEST => {
                 if req.server_id.is_some_and(|s| s != server) {
                     // The client took another server's offer.
@@ -256,7 +261,8 @@ impl Engine {
                     }
                     None
                 } else {
-                    let wanted = req.requested_ip.or(Some(req.ciaddr).filter(|c| !c.is_unspecified()));
+                    let wanted =
+                        req.requested_ip.or(Some(req.ciaddr).filter(|c| !c.is_unspecified()));
                     match wanted {
                         Some(w) if self.dhcp.bind(req.chaddr, w) => {
                             self.guest_mac = Some(req.chaddr);
@@ -293,14 +299,19 @@ impl Engine {
             },
         );
         let broadcast = req.flags & 0x8000 != 0 || msg_type == DHCP_NAK;
-        let (eth_dst, ip_dst) = if broadcast {
-            (MacAddr::BROADCAST, Ipv4Addr::BROADCAST)
-        } else {
-            (eth.src(), yiaddr)
-        };
+        let (eth_dst, ip_dst) =
+            if broadcast { (MacAddr::BROADCAST, Ipv4Addr::BROADCAST) } else { (eth.src(), yiaddr) };
         let mut buf = vec![0u8; ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN + body.len()];
         buf[ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN..].copy_from_slice(&body);
-        let n = write_udp_frame(&mut buf, eth_dst, self.gw_mac, (server, 67), (ip_dst, 68), body.len(), CsumMode::Full);
+        let n = write_udp_frame(
+            &mut buf,
+            eth_dst,
+            self.gw_mac,
+            (server, 67),
+            (ip_dst, 68),
+            body.len(),
+            CsumMode::Full,
+        );
         buf.truncate(n);
         self.emit(Proto::Dhcp, VnetHdr::default(), buf);
     }
@@ -325,7 +336,10 @@ mod tests {
 
     #[test]
     fn parses_a_request_with_options() {
-        let mut m = request(DHCP_REQUEST, &[0, 0, 50, 4, 10, 0, 2, 15, 54, 4, 10, 0, 2, 2, 12, 3, b'a', b'b', b'c']);
+        let mut m = request(
+            DHCP_REQUEST,
+            &[0, 0, 50, 4, 10, 0, 2, 15, 54, 4, 10, 0, 2, 2, 12, 3, b'a', b'b', b'c'],
+        );
         m.push(255);
         let r = parse_request(&m).unwrap();
         assert_eq!(r.msg_type, DHCP_REQUEST);
@@ -389,7 +403,10 @@ mod tests {
         let b = MacAddr([2, 0, 0, 0, 0, 2]);
         assert_eq!(s.offer(a, None), Some(Ipv4Addr::new(10, 0, 2, 15)));
         assert_eq!(s.offer(a, None), Some(Ipv4Addr::new(10, 0, 2, 15)));
-        assert_eq!(s.offer(b, Some(Ipv4Addr::new(10, 0, 2, 15))), Some(Ipv4Addr::new(10, 0, 2, 16)));
+        assert_eq!(
+            s.offer(b, Some(Ipv4Addr::new(10, 0, 2, 15))),
+            Some(Ipv4Addr::new(10, 0, 2, 16))
+        );
         assert!(!s.bind(b, Ipv4Addr::new(10, 0, 2, 15)));
         assert!(s.bind(a, Ipv4Addr::new(10, 0, 2, 15)));
         assert_eq!(s.lease_count(), 1);

@@ -12,7 +12,10 @@ use super::config::nameserver_from_resolv_conf;
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// The configured upstream, else the first IPv4 nameserver of the host.
-pub fn choose_upstream(configured: Option<SocketAddrV4>, resolv_conf: &str) -> Option<SocketAddrV4> {
+pub fn choose_upstream(
+    configured: Option<SocketAddrV4>,
+    resolv_conf: &str,
+) -> Option<SocketAddrV4> {
     configured.or_else(|| {
         let text = std::fs::read_to_string(resolv_conf).ok()?;
         nameserver_from_resolv_conf(&text).map(|ip| SocketAddrV4::new(ip, 53))
@@ -31,7 +34,10 @@ mod tests {
         let f = dir.join("resolv.conf");
         std::fs::write(&f, "nameserver 127.0.0.53\noptions edns0\n").unwrap();
         let path = f.to_str().unwrap();
-        assert_eq!(choose_upstream(None, path), Some(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 53), 53)));
+        assert_eq!(
+            choose_upstream(None, path),
+            Some(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 53), 53))
+        );
         let c = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5353);
         assert_eq!(choose_upstream(Some(c), path), Some(c));
         assert_eq!(choose_upstream(None, "/nonexistent/resolv.conf"), None);

@@ -77,7 +77,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(p: NetParams, dns_upstream: Option<SocketAddrV4>, fwd: Forwarders) -> std::io::Result<Engine> {
+    pub fn new(
+        p: NetParams,
+        dns_upstream: Option<SocketAddrV4>,
+        fwd: Forwarders,
+    ) -> std::io::Result<Engine> {
         let epoll = Epoll::new()?;
         let kick = EventFd::new()?;
         let timer = TimerFd::new()?;
@@ -258,7 +262,10 @@ impl Engine {
                 let Ok(udp) = UdpPacket::new(l4) else {
                     return self.counters.drop(DropReason::L4Malformed);
                 };
-                if udp.checksum() != 0 && !trusted && !l4_checksum_ok(src, ip.dst(), IPPROTO_UDP, udp.bytes()) {
+                if udp.checksum() != 0
+                    && !trusted
+                    && !l4_checksum_ok(src, ip.dst(), IPPROTO_UDP, udp.bytes())
+                {
                     return self.counters.drop(DropReason::L4BadChecksum);
                 }
                 self.udp_input(eth.src(), &ip, &udp)
@@ -294,7 +301,10 @@ impl Engine {
             if !self.p.host_loopback {
                 return Err(DropReason::HostLoopbackDisabled);
             }
-            return Ok(Target { host: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), is_dns: false });
+            return Ok(Target {
+                host: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+                is_dns: false,
+            });
         }
         if dst == self.p.dns {
             if port != 53 {
@@ -324,7 +334,6 @@ impl Engine {
         Ok(Target { host: SocketAddrV4::new(dst, port), is_dns: false })
     }
 
-
     /// The guest's address for forwarded connections.
     pub fn guest_addr_for_fwd(&self) -> Ipv4Addr {
         self.guest_mac
@@ -334,9 +343,26 @@ impl Engine {
     }
 
     /// ICMP error to the guest quoting `quote` (its IP header + 8 bytes).
-    pub fn emit_icmp_error(&mut self, guest_mac: MacAddr, from: Ipv4Addr, to: Ipv4Addr, code: u8, quote: &[u8]) {
+    pub fn emit_icmp_error(
+        &mut self,
+        guest_mac: MacAddr,
+        from: Ipv4Addr,
+        to: Ipv4Addr,
+        code: u8,
+        quote: &[u8],
+    ) {
         let mut buf = vec![0u8; ETH_HDR_LEN + IPV4_HDR_LEN + ICMP_HDR_LEN + quote.len()];
-        let n = write_icmp_frame(&mut buf, guest_mac, self.gw_mac, from, to, ICMP_DEST_UNREACH, code, [0; 4], quote);
+        let n = write_icmp_frame(
+            &mut buf,
+            guest_mac,
+            self.gw_mac,
+            from,
+            to,
+            ICMP_DEST_UNREACH,
+            code,
+            [0; 4],
+            quote,
+        );
         buf.truncate(n);
         self.emit(Proto::Icmp, VnetHdr::default(), buf);
     }

@@ -53,7 +53,9 @@ pub fn seeds(gw_mac: MacAddr, ports: &[u16]) -> Vec<(VnetHdr, Vec<u8>)> {
     write_arp(&mut b, MacAddr::BROADCAST, ARP_REQUEST, GUEST_MAC, GUEST_IP, MacAddr([0; 6]), GW);
     out.push((plain, b));
     // DHCP DISCOVER and REQUEST.
-    for (ty, extra) in [(1u8, vec![]), (3u8, vec![50, 4, 10, 0, 2, 15, 54, 4, 10, 0, 2, 2, 12, 2, b'h', b'i'])] {
+    for (ty, extra) in
+        [(1u8, vec![]), (3u8, vec![50, 4, 10, 0, 2, 15, 54, 4, 10, 0, 2, 2, 12, 2, b'h', b'i'])]
+    {
         let mut m = vec![0u8; 236];
         m[0] = 1;
         m[1] = 1;
@@ -64,18 +66,40 @@ pub fn seeds(gw_mac: MacAddr, ports: &[u16]) -> Vec<(VnetHdr, Vec<u8>)> {
         m.push(255);
         let mut f = vec![0u8; 42 + m.len()];
         f[42..].copy_from_slice(&m);
-        let n = write_udp_frame(&mut f, MacAddr::BROADCAST, GUEST_MAC, (Ipv4Addr::UNSPECIFIED, 68), (Ipv4Addr::BROADCAST, 67), m.len(), CsumMode::Full);
+        let n = write_udp_frame(
+            &mut f,
+            MacAddr::BROADCAST,
+            GUEST_MAC,
+            (Ipv4Addr::UNSPECIFIED, 68),
+            (Ipv4Addr::BROADCAST, 67),
+            m.len(),
+            CsumMode::Full,
+        );
         f.truncate(n);
         out.push((plain, f));
     }
     let udp = |dst: (Ipv4Addr, u16), payload: &[u8]| {
         let mut f = vec![0u8; 42 + payload.len()];
         f[42..].copy_from_slice(payload);
-        let n = write_udp_frame(&mut f, gw_mac, GUEST_MAC, (GUEST_IP, 40000), dst, payload.len(), CsumMode::Full);
+        let n = write_udp_frame(
+            &mut f,
+            gw_mac,
+            GUEST_MAC,
+            (GUEST_IP, 40000),
+            dst,
+            payload.len(),
+            CsumMode::Full,
+        );
         f.truncate(n);
         f
     };
-    out.push((plain, udp((DNS, 53), b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x01\x00\x01")));
+    out.push((
+        plain,
+        udp(
+            (DNS, 53),
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x01\x00\x01",
+        ),
+    ));
     out.push((plain, udp((GW, 69), b"\x00\x01file\x00octet\x00")));
     let tcp = |dport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8], opts: bool| {
         let th = TcpHeader {
@@ -114,11 +138,31 @@ pub fn seeds(gw_mac: MacAddr, ports: &[u16]) -> Vec<(VnetHdr, Vec<u8>)> {
         out.push((gso, tcp(p, 1001, 1, TCP_ACK, &[0x42; 4000], false)));
     }
     let mut f = vec![0u8; 42 + 16];
-    let n = write_icmp_frame(&mut f, gw_mac, GUEST_MAC, GUEST_IP, GW, ICMP_ECHO_REQUEST, 0, [0, 1, 0, 1], &[7; 16]);
+    let n = write_icmp_frame(
+        &mut f,
+        gw_mac,
+        GUEST_MAC,
+        GUEST_IP,
+        GW,
+        ICMP_ECHO_REQUEST,
+        0,
+        [0, 1, 0, 1],
+        &[7; 16],
+    );
     f.truncate(n);
     out.push((plain, f));
     let mut f = vec![0u8; 42 + 16];
-    let n = write_icmp_frame(&mut f, gw_mac, GUEST_MAC, GUEST_IP, Ipv4Addr::new(10, 9, 9, 9), ICMP_ECHO_REQUEST, 0, [0, 2, 0, 1], &[7; 16]);
+    let n = write_icmp_frame(
+        &mut f,
+        gw_mac,
+        GUEST_MAC,
+        GUEST_IP,
+        Ipv4Addr::new(10, 9, 9, 9),
+        ICMP_ECHO_REQUEST,
+        0,
+        [0, 2, 0, 1],
+        &[7; 16],
+    );
     f.truncate(n);
     out.push((plain, f));
     out
@@ -274,7 +318,11 @@ mod tests {
     /// the long run (examples/nat-fuzz.rs) lets flows open inside a private namespace.
     #[test]
     fn fuzz_smoke_restricted() {
-        let cfg = UserNetConfig { restrict: true, dns_upstream: Some("127.0.0.1:9".into()), ..Default::default() };
+        let cfg = UserNetConfig {
+            restrict: true,
+            dns_upstream: Some("127.0.0.1:9".into()),
+            ..Default::default()
+        };
         let mut net = UserNet::new(&cfg).unwrap();
         let mut fz = FrameFuzzer::new(0x7a91, seeds(net.gateway_mac(), &[7, 9]));
         let mut buf = vec![0u8; MAX_FRAME_LEN];

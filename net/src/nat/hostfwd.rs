@@ -59,7 +59,8 @@ impl Forwarders {
             if rule.proto == FwdProto::Tcp {
                 // Lets a restarted VM rebind while old connections sit in TIME_WAIT; a live
                 // listener on the port still makes bind() fail.
-                sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(sock_err)?;
+                sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+                    .map_err(sock_err)?;
             }
             sys::bind(fd, rule.host).map_err(|source| HostFwdError::Bind {
                 rule: rule.rule.clone(),
@@ -81,7 +82,11 @@ impl Forwarders {
                 FwdProto::Tcp => TOKEN_FWD_TCP,
                 FwdProto::Udp => TOKEN_FWD_UDP,
             };
-            epoll.add(l.sock.as_raw_fd(), libc::EPOLLIN as u32, ((kind as u64) << 56) | i as u64)?;
+            epoll.add(
+                l.sock.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                ((kind as u64) << 56) | i as u64,
+            )?;
         }
         Ok(())
     }

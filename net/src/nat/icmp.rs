@@ -140,7 +140,14 @@ impl Engine {
         }
         let dst = ip.dst();
         if dst == self.p.host || dst == self.p.dns {
-            return self.icmp_reply_to_guest(guest_mac, dst, ip.src(), icmp.ident(), icmp.seq_no(), icmp.data());
+            return self.icmp_reply_to_guest(
+                guest_mac,
+                dst,
+                ip.src(),
+                icmp.ident(),
+                icmp.seq_no(),
+                icmp.data(),
+            );
         }
         // ICMP has no port; 7 (echo) only lets `resolve` apply its address rules.
         if let Err(reason) = self.resolve(dst, 7) {
@@ -168,18 +175,31 @@ impl Engine {
         }
     }
 
-    fn icmp_open(&mut self, key: IcmpKey, guest_mac: MacAddr, mode: IcmpMode) -> Result<Handle, DropReason> {
+    fn icmp_open(
+        &mut self,
+        key: IcmpKey,
+        guest_mac: MacAddr,
+        mode: IcmpMode,
+    ) -> Result<Handle, DropReason> {
         if self.flows_open() >= self.p.max_flows {
             return Err(DropReason::FlowLimit);
         }
-        let fail = |e: io::Error| if sys::is_fd_exhaustion(&e) { DropReason::NoFd } else { DropReason::IcmpUnavailable };
+        let fail = |e: io::Error| {
+            if sys::is_fd_exhaustion(&e) {
+                DropReason::NoFd
+            } else {
+                DropReason::IcmpUnavailable
+            }
+        };
         let sock = match mode {
             IcmpMode::PingSocket => Some(EchoSocket::open(mode, Some(key.2)).map_err(fail)?),
             _ => {
                 if self.icmp.raw.is_none() {
                     let raw = EchoSocket::open(IcmpMode::Raw, None).map_err(fail)?;
                     let token = (TOKEN_ICMP_RAW as u64) << 56;
-                    self.epoll.add(raw.raw_fd(), libc::EPOLLIN as u32, token).map_err(|_| DropReason::SocketError)?;
+                    self.epoll
+                        .add(raw.raw_fd(), libc::EPOLLIN as u32, token)
+                        .map_err(|_| DropReason::SocketError)?;
                     self.icmp.raw = Some(raw);
                 }
                 None
@@ -210,9 +230,16 @@ impl Engine {
                 Ok(Some((from, id, seq, data))) => {
                     let flow_h = match h {
                         Some(h) => Some(h),
-                        None => self.icmp.by_key.iter().find(|(k, _)| k.1 == id && k.2 == from).map(|(_, h)| *h),
+                        None => self
+                            .icmp
+                            .by_key
+                            .iter()
+                            .find(|(k, _)| k.1 == id && k.2 == from)
+                            .map(|(_, h)| *h),
                     };
-                    let Some(flow) = flow_h.and_then(|fh| self.icmp.flows.get_mut(fh)) else { continue };
+                    let Some(flow) = flow_h.and_then(|fh| self.icmp.flows.get_mut(fh)) else {
+                        continue;
+                    };
                     flow.last_use = self.now;
                     let (mac, (gip, gid, dst)) = (flow.guest_mac, flow.key);
                     self.icmp_reply_to_guest(mac, dst, gip, gid, seq, &data);
@@ -224,12 +251,21 @@ impl Engine {
         self.scratch = scratch;
     }
 
-    fn icmp_reply_to_guest(&mut self, mac: MacAddr, from: Ipv4Addr, to: Ipv4Addr, id: u16, seq: u16, data: &[u8]) {
+    fn icmp_reply_to_guest(
+        &mut self,
+        mac: MacAddr,
+        from: Ipv4Addr,
+        to: Ipv4Addr,
+        id: u16,
+        seq: u16,
+        data: &[u8],
+    ) {
         let mut buf = vec![0u8; ETH_HDR_LEN + IPV4_HDR_LEN + ICMP_HDR_LEN + data.len()];
         let mut rest = [0u8; 4];
         rest[..2].copy_from_slice(&id.to_be_bytes());
         rest[2..].copy_from_slice(&seq.to_be_bytes());
-        let n = write_icmp_frame(&mut buf, mac, self.gw_mac, from, to, ICMP_ECHO_REPLY, 0, rest, data);
+        let n =
+            write_icmp_frame(&mut buf, mac, self.gw_mac, from, to, ICMP_ECHO_REPLY, 0, rest, data);
         if n == 0 {
             return self.counters.drop(DropReason::Oversized);
         }
@@ -239,7 +275,11 @@ impl Engine {
 
     pub fn icmp_tick(&mut self) {
         for h in self.icmp.flows.handles() {
-            let expired = self.icmp.flows.get(h).is_some_and(|f| self.now.duration_since(f.last_use) >= self.p.icmp_idle);
+            let expired = self
+                .icmp
+                .flows
+                .get(h)
+                .is_some_and(|f| self.now.duration_since(f.last_use) >= self.p.icmp_idle);
             if expired {
                 if let Some(f) = self.icmp.flows.remove(h) {
                     if let Some(s) = &f.sock {

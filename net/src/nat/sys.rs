@@ -39,15 +39,28 @@ fn from_sockaddr_in(sa: &libc::sockaddr_in) -> SocketAddrV4 {
 /// A non-blocking, close-on-exec IPv4 socket.
 pub fn socket(ty: libc::c_int, proto: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the result is checked and owned exactly once.
-    let fd = cvt(unsafe { libc::socket(libc::AF_INET, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) })?;
+    let fd = cvt(unsafe {
+        libc::socket(libc::AF_INET, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto)
+    })?;
     // SAFETY: fd is a fresh descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-pub fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, val: libc::c_int) -> io::Result<()> {
+pub fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    val: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: passes a pointer to a live c_int with its exact size.
     cvt(unsafe {
-        libc::setsockopt(fd, level, name, &val as *const _ as *const libc::c_void, size_of::<libc::c_int>() as u32)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &val as *const _ as *const libc::c_void,
+            size_of::<libc::c_int>() as u32,
+        )
     })
     .map(|_| ())
 }
@@ -56,7 +69,9 @@ pub fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::R
     let mut val: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `val`.
-    cvt(unsafe { libc::getsockopt(fd, level, name, &mut val as *mut _ as *mut libc::c_void, &mut len) })?;
+    cvt(unsafe {
+        libc::getsockopt(fd, level, name, &mut val as *mut _ as *mut libc::c_void, &mut len)
+    })?;
     Ok(val)
 }
 
@@ -72,15 +87,27 @@ pub fn take_socket_error(fd: RawFd) -> Option<io::Error> {
 pub fn bind(fd: RawFd, a: SocketAddrV4) -> io::Result<()> {
     let sa = sockaddr_in(a);
     // SAFETY: `sa` is a valid sockaddr_in of the stated size.
-    cvt(unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_in>() as u32) })
-        .map(|_| ())
+    cvt(unsafe {
+        libc::bind(
+            fd,
+            &sa as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    })
+    .map(|_| ())
 }
 
 /// Starts a connect; `Ok(false)` means it is in progress (poll for writable).
 pub fn connect(fd: RawFd, a: SocketAddrV4) -> io::Result<bool> {
     let sa = sockaddr_in(a);
     // SAFETY: `sa` is a valid sockaddr_in of the stated size.
-    let r = unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, size_of::<libc::sockaddr_in>() as u32) };
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &sa as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
     if r == 0 {
         return Ok(true);
     }
@@ -102,7 +129,12 @@ pub fn accept(fd: RawFd) -> io::Result<(OwnedFd, SocketAddrV4)> {
     let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes of address into `sa`.
     let nfd = cvt(unsafe {
-        libc::accept4(fd, sa.as_mut_ptr() as *mut libc::sockaddr, &mut len, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+        libc::accept4(
+            fd,
+            sa.as_mut_ptr() as *mut libc::sockaddr,
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
     })?;
     // SAFETY: nfd is fresh; `sa` was zero-initialised and filled by the kernel.
     Ok((unsafe { OwnedFd::from_raw_fd(nfd) }, from_sockaddr_in(unsafe { &sa.assume_init() })))
@@ -120,7 +152,12 @@ pub fn local_addr(fd: RawFd) -> io::Result<SocketAddrV4> {
 pub fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
     // SAFETY: reads `data.len()` bytes from a live slice.
     cvt_size(unsafe {
-        libc::send(fd, data.as_ptr() as *const libc::c_void, data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        libc::send(
+            fd,
+            data.as_ptr() as *const libc::c_void,
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
     })
 }
 
@@ -141,7 +178,9 @@ pub fn sendto(fd: RawFd, data: &[u8], to: SocketAddrV4) -> io::Result<usize> {
 
 pub fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into the live slice.
-    cvt_size(unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), flags | libc::MSG_DONTWAIT) })
+    cvt_size(unsafe {
+        libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), flags | libc::MSG_DONTWAIT)
+    })
 }
 
 pub fn recvfrom(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV4)> {
@@ -165,7 +204,9 @@ pub fn recvfrom(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV4)> 
 /// Drops `n` bytes from the head of a TCP receive queue without copying them.
 pub fn tcp_discard(fd: RawFd, n: usize) -> io::Result<usize> {
     // SAFETY: with MSG_TRUNC on TCP the kernel copies nothing; the null buffer is unused.
-    cvt_size(unsafe { libc::recv(fd, std::ptr::null_mut(), n, libc::MSG_TRUNC | libc::MSG_DONTWAIT) })
+    cvt_size(unsafe {
+        libc::recv(fd, std::ptr::null_mut(), n, libc::MSG_TRUNC | libc::MSG_DONTWAIT)
+    })
 }
 
 pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
@@ -178,13 +219,21 @@ pub fn set_linger_zero(fd: RawFd) {
     let l = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: passes a live linger struct with its exact size.
     unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l as *const _ as *const libc::c_void, size_of::<libc::linger>() as u32)
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const _ as *const libc::c_void,
+            size_of::<libc::linger>() as u32,
+        )
     };
 }
 
-
 pub fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
 }
 
 pub fn would_block(e: &io::Error) -> bool {
@@ -222,7 +271,12 @@ impl Epoll {
     pub fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
         // SAFETY: the kernel writes at most `events.len()` entries.
         let r = unsafe {
-            libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), events.len() as libc::c_int, timeout_ms)
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                timeout_ms,
+            )
         };
         match cvt(r) {
             Ok(n) => Ok(n as usize),
@@ -266,7 +320,9 @@ pub struct TimerFd {
 impl TimerFd {
     pub fn new() -> io::Result<Self> {
         // SAFETY: plain syscall; checked and owned once.
-        let fd = cvt(unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) })?;
+        let fd = cvt(unsafe {
+            libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
+        })?;
         // SAFETY: fresh descriptor.
         Ok(TimerFd { fd: unsafe { OwnedFd::from_raw_fd(fd) }, armed: false })
     }
@@ -278,7 +334,10 @@ impl TimerFd {
     }
     /// Periodic ticks every `period`; `None` disarms.
     pub fn set_periodic(&mut self, period: Option<Duration>) {
-        let ts = |d: Duration| libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as libc::c_long };
+        let ts = |d: Duration| libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        };
         let d = period.unwrap_or(Duration::ZERO);
         let spec = libc::itimerspec { it_interval: ts(d), it_value: ts(d) };
         // SAFETY: passes a live itimerspec; the old value is not requested.
@@ -289,7 +348,10 @@ impl TimerFd {
     pub fn set_oneshot(&mut self, after: Duration) {
         let spec = libc::itimerspec {
             it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
-            it_value: libc::timespec { tv_sec: after.as_secs() as libc::time_t, tv_nsec: after.subsec_nanos().max(1) as libc::c_long },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos().max(1) as libc::c_long,
+            },
         };
         // SAFETY: passes a live itimerspec; the old value is not requested.
         unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };

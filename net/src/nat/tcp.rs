@@ -124,7 +124,10 @@ impl TcpFlow {
         self.snd_nxt.wrapping_add(self.fin_sent as u32)
     }
     fn can_send(&self) -> bool {
-        self.state == TcpState::Established && self.syn_acked && !self.fin_sent && self.guest_wnd > self.inflight()
+        self.state == TcpState::Established
+            && self.syn_acked
+            && !self.fin_sent
+            && self.guest_wnd > self.inflight()
     }
     fn header(&self, seq: u32, flags: u8) -> TcpHeader {
         TcpHeader {
@@ -185,7 +188,9 @@ impl TcpTable {
 fn connect_error_is_unreachable(e: &io::Error) -> Option<u8> {
     match e.raw_os_error() {
         Some(libc::ENETUNREACH) => Some(ICMP_NET_UNREACH),
-        Some(libc::EHOSTUNREACH) | Some(libc::ETIMEDOUT) | Some(libc::EHOSTDOWN) => Some(ICMP_HOST_UNREACH),
+        Some(libc::EHOSTUNREACH) | Some(libc::ETIMEDOUT) | Some(libc::EHOSTDOWN) => {
+            Some(ICMP_HOST_UNREACH)
+        }
         _ => None,
     }
 }
@@ -297,7 +302,8 @@ impl Engine {
         let (seq, ack, flags) = if seg.has(TCP_ACK) {
             (seg.ack(), 0, TCP_RST)
         } else {
-            let len = seg.payload().len() as u32 + seg.has(TCP_SYN) as u32 + seg.has(TCP_FIN) as u32;
+            let len =
+                seg.payload().len() as u32 + seg.has(TCP_SYN) as u32 + seg.has(TCP_FIN) as u32;
             (0, seg.seq().wrapping_add(len), TCP_RST | TCP_ACK)
         };
         let th = TcpHeader {
@@ -392,7 +398,11 @@ impl Engine {
         let sock = match sys::socket(libc::SOCK_STREAM, 0) {
             Ok(s) => s,
             Err(e) => {
-                let reason = if sys::is_fd_exhaustion(&e) { DropReason::NoFd } else { DropReason::SocketError };
+                let reason = if sys::is_fd_exhaustion(&e) {
+                    DropReason::NoFd
+                } else {
+                    DropReason::SocketError
+                };
                 log::warn!("user net: no socket for a new TCP flow: {e}");
                 self.counters.drop(reason);
                 return self.tcp_rst_reply(guest_mac, ip, seg);
@@ -464,10 +474,18 @@ impl Engine {
         (mss.unwrap_or(536) as usize).clamp(64, ours)
     }
 
-    fn tcp_connect_error(&mut self, guest_mac: MacAddr, ip: &Ipv4Packet, seg: &TcpSegment, e: &io::Error) {
+    fn tcp_connect_error(
+        &mut self,
+        guest_mac: MacAddr,
+        ip: &Ipv4Packet,
+        seg: &TcpSegment,
+        e: &io::Error,
+    ) {
         self.counters.drop(DropReason::TcpConnectFailed);
         match connect_error_is_unreachable(e) {
-            Some(code) => self.emit_icmp_error(guest_mac, ip.dst(), ip.src(), code, ip.icmp_quote()),
+            Some(code) => {
+                self.emit_icmp_error(guest_mac, ip.dst(), ip.src(), code, ip.icmp_quote())
+            }
             None => self.tcp_rst_reply(guest_mac, ip, seg),
         }
     }
@@ -673,7 +691,9 @@ impl Engine {
             }
         }
         // Tell the guest when a shrunken window opened up again.
-        if before < PENDING_CAP as u32 / 2 && f.window_bytes() >= PENDING_CAP as u32 / 2 || f.last_wnd_sent < f.window_bytes() / 2 {
+        if before < PENDING_CAP as u32 / 2 && f.window_bytes() >= PENDING_CAP as u32 / 2
+            || f.last_wnd_sent < f.window_bytes() / 2
+        {
             self.tcp_mark_ack(h);
         }
         self.tcp_maybe_close(h);
@@ -944,8 +964,10 @@ impl Engine {
                         self.tcp_close(h, true, true);
                         continue;
                     }
-                    let outstanding = f.inflight() > 0 || (f.fin_sent && !f.fin_acked) || !f.syn_acked;
-                    let window_stuck = f.syn_acked && !outstanding && f.host_readable && f.guest_wnd == 0;
+                    let outstanding =
+                        f.inflight() > 0 || (f.fin_sent && !f.fin_acked) || !f.syn_acked;
+                    let window_stuck =
+                        f.syn_acked && !outstanding && f.host_readable && f.guest_wnd == 0;
                     if window_stuck && now.duration_since(f.last_progress) >= RTO {
                         // Zero-window probe: an already-acknowledged sequence number makes
                         // the guest answer with its current window, in case its window

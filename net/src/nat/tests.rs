@@ -37,7 +37,13 @@ impl Guest {
     pub fn new(c: &UserNetConfig) -> Guest {
         let net = UserNet::new(c).expect("user net");
         let gw_mac = net.gateway_mac();
-        Guest { net, gw_mac, seen: Vec::new(), backlog: Default::default(), buf: vec![0u8; MAX_FRAME_LEN] }
+        Guest {
+            net,
+            gw_mac,
+            seen: Vec::new(),
+            backlog: Default::default(),
+            buf: vec![0u8; MAX_FRAME_LEN],
+        }
     }
 
     pub fn send(&mut self, frame: &[u8]) {
@@ -86,12 +92,25 @@ impl Guest {
 
     pub fn arp_for(&mut self, ip: Ipv4Addr) {
         let mut b = vec![0u8; 42];
-        write_arp(&mut b, MacAddr::BROADCAST, ARP_REQUEST, GUEST_MAC, GUEST_IP, MacAddr([0; 6]), ip);
+        write_arp(
+            &mut b,
+            MacAddr::BROADCAST,
+            ARP_REQUEST,
+            GUEST_MAC,
+            GUEST_IP,
+            MacAddr([0; 6]),
+            ip,
+        );
         self.send(&b);
     }
 }
 
-pub fn udp_frame(gw_mac: MacAddr, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+pub fn udp_frame(
+    gw_mac: MacAddr,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
     let mut b = vec![0u8; 42 + payload.len()];
     b[42..].copy_from_slice(payload);
     let n = write_udp_frame(&mut b, gw_mac, GUEST_MAC, src, dst, payload.len(), CsumMode::Full);
@@ -133,7 +152,17 @@ pub fn icmp_echo_frame(gw_mac: MacAddr, dst: Ipv4Addr, id: u16, seq: u16, data: 
     let mut rest = [0u8; 4];
     rest[..2].copy_from_slice(&id.to_be_bytes());
     rest[2..].copy_from_slice(&seq.to_be_bytes());
-    let n = write_icmp_frame(&mut b, gw_mac, GUEST_MAC, GUEST_IP, dst, ICMP_ECHO_REQUEST, 0, rest, data);
+    let n = write_icmp_frame(
+        &mut b,
+        gw_mac,
+        GUEST_MAC,
+        GUEST_IP,
+        dst,
+        ICMP_ECHO_REQUEST,
+        0,
+        rest,
+        data,
+    );
     b.truncate(n);
     b
 }
@@ -193,7 +222,8 @@ pub fn tcp_of(f: &Frame) -> Option<TcpView> {
         return None;
     }
     let t = TcpSegment::new(&p.l4).ok()?;
-    let r = (t.src_port(), t.dst_port(), t.seq(), t.ack(), t.flags(), t.window(), t.payload().to_vec());
+    let r =
+        (t.src_port(), t.dst_port(), t.seq(), t.ack(), t.flags(), t.window(), t.payload().to_vec());
     Some((p, r.0, r.1, r.2, r.3, r.4, r.5, r.6))
 }
 
@@ -221,12 +251,30 @@ impl GuestTcp {
     }
 
     pub fn send(&mut self, g: &mut Guest, data: &[u8]) {
-        g.send(&tcp_frame(g.gw_mac, self.sport, self.dst, self.seq, self.ack, TCP_ACK | TCP_PSH, data, false));
+        g.send(&tcp_frame(
+            g.gw_mac,
+            self.sport,
+            self.dst,
+            self.seq,
+            self.ack,
+            TCP_ACK | TCP_PSH,
+            data,
+            false,
+        ));
         self.seq = self.seq.wrapping_add(data.len() as u32);
     }
 
     pub fn fin(&mut self, g: &mut Guest) {
-        g.send(&tcp_frame(g.gw_mac, self.sport, self.dst, self.seq, self.ack, TCP_ACK | TCP_FIN, &[], false));
+        g.send(&tcp_frame(
+            g.gw_mac,
+            self.sport,
+            self.dst,
+            self.seq,
+            self.ack,
+            TCP_ACK | TCP_FIN,
+            &[],
+            false,
+        ));
         self.seq = self.seq.wrapping_add(1);
     }
 
@@ -249,7 +297,16 @@ impl GuestTcp {
                         self.ack = self.ack.wrapping_add(1);
                     }
                 }
-                g.send(&tcp_frame(g.gw_mac, self.sport, self.dst, self.seq, self.ack, TCP_ACK, &[], false));
+                g.send(&tcp_frame(
+                    g.gw_mac,
+                    self.sport,
+                    self.dst,
+                    self.seq,
+                    self.ack,
+                    TCP_ACK,
+                    &[],
+                    false,
+                ));
             }
         }
         (out, fin)
@@ -305,7 +362,15 @@ fn dhcp_msg(msg_type: u8, extra: &[u8], end: bool) -> Vec<u8> {
 fn dhcp_send(g: &mut Guest, msg: &[u8]) {
     let mut b = vec![0u8; 42 + msg.len()];
     b[42..].copy_from_slice(msg);
-    let n = write_udp_frame(&mut b, MacAddr::BROADCAST, GUEST_MAC, (Ipv4Addr::UNSPECIFIED, 68), (Ipv4Addr::BROADCAST, 67), msg.len(), CsumMode::Full);
+    let n = write_udp_frame(
+        &mut b,
+        MacAddr::BROADCAST,
+        GUEST_MAC,
+        (Ipv4Addr::UNSPECIFIED, 68),
+        (Ipv4Addr::BROADCAST, 67),
+        msg.len(),
+        CsumMode::Full,
+    );
     b.truncate(n);
     g.send(&b);
 }
@@ -422,7 +487,10 @@ fn dns_relay_over_udp_to_a_local_responder() {
         server.send_to(&resp, from).unwrap();
         b[..n].to_vec()
     });
-    let mut g = Guest::new(&UserNetConfig { dns_upstream: Some(format!("127.0.0.1:{port}")), ..Default::default() });
+    let mut g = Guest::new(&UserNetConfig {
+        dns_upstream: Some(format!("127.0.0.1:{port}")),
+        ..Default::default()
+    });
     let query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05tapir\x00\x00\x01\x00\x01";
     g.udp(40000, (DNS, 53), query);
     let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_UDP)).expect("DNS answer");
@@ -451,8 +519,12 @@ fn dns_relay_over_tcp_to_a_local_responder() {
         s.write_all(&(q.len() as u16).to_be_bytes()).unwrap();
         s.write_all(&q).unwrap();
     });
-    let mut g = Guest::new(&UserNetConfig { dns_upstream: Some(format!("127.0.0.1:{port}")), ..Default::default() });
-    let mut c = GuestTcp::connect(&mut g, 41000, (DNS, 53)).expect("TCP handshake with the DNS address");
+    let mut g = Guest::new(&UserNetConfig {
+        dns_upstream: Some(format!("127.0.0.1:{port}")),
+        ..Default::default()
+    });
+    let mut c =
+        GuestTcp::connect(&mut g, 41000, (DNS, 53)).expect("TCP handshake with the DNS address");
     let query = b"\x00\x0c\xbe\xef\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00";
     c.send(&mut g, query);
     let (answer, _) = c.read(&mut g, 14);
@@ -605,10 +677,19 @@ fn tso_from_guest_and_to_guest() {
         s.write_all(&vec![0x5a; 300_000]).unwrap();
     });
     let mut g = Guest::new(&cfg());
-    g.net.set_rx_offloads(Offloads { csum: true, tso4: true, tso6: true, tso_ecn: false, ufo: false }).unwrap();
+    g.net
+        .set_rx_offloads(Offloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+            tso_ecn: false,
+            ufo: false,
+        })
+        .unwrap();
     let mut c = GuestTcp::connect(&mut g, 44000, (GW, port)).expect("handshake");
     // One GSO super-frame with a partial checksum (garbage in the checksum field).
-    let mut frame = tcp_frame(g.gw_mac, c.sport, c.dst, c.seq, c.ack, TCP_ACK | TCP_PSH, &big, false);
+    let mut frame =
+        tcp_frame(g.gw_mac, c.sport, c.dst, c.seq, c.ack, TCP_ACK | TCP_PSH, &big, false);
     frame[14 + 20 + 16] ^= 0xff;
     let hdr = VnetHdr {
         flags: VnetHdr::FLAG_NEEDS_CSUM,
@@ -652,7 +733,8 @@ fn guest_dup_acks_trigger_a_resend() {
     for _ in 0..3 {
         g.send(&tcp_frame(g.gw_mac, c.sport, c.dst, c.seq, c.ack, TCP_ACK, &[], false));
     }
-    let again = g.wait(|f| tcp_of(f).is_some_and(|t| t.3 == seq0 && !t.7.is_empty())).expect("resent");
+    let again =
+        g.wait(|f| tcp_of(f).is_some_and(|t| t.3 == seq0 && !t.7.is_empty())).expect("resent");
     assert_eq!(tcp_of(&again).unwrap().7, vec![1u8; 1460]);
     assert_eq!(gauge(&g, "tcp_retransmits"), 1);
     server.join().unwrap();
@@ -705,7 +787,16 @@ fn hostfwd_tcp_guest_rst_resets_the_host_client() {
     });
     let syn = g.wait(|f| tcp_of(f).is_some_and(|t| t.5 & TCP_SYN != 0)).expect("SYN");
     let (_, sport, _, isn, _, _, _, _) = tcp_of(&syn).unwrap();
-    g.send(&tcp_frame(g.gw_mac, 24, (GW, sport), 0, isn.wrapping_add(1), TCP_RST | TCP_ACK, &[], false));
+    g.send(&tcp_frame(
+        g.gw_mac,
+        24,
+        (GW, sport),
+        0,
+        isn.wrapping_add(1),
+        TCP_RST | TCP_ACK,
+        &[],
+        false,
+    ));
     g.drain(20);
     let r = client.join().unwrap();
     assert!(matches!(r, Ok(0)) || r.is_err(), "{r:?}");
@@ -722,7 +813,8 @@ fn hostfwd_udp_round_trip() {
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     client.set_read_timeout(Some(WAIT)).unwrap();
     client.send_to(b"q", addr).unwrap();
-    let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_UDP)).expect("datagram to guest");
+    let f =
+        g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_UDP)).expect("datagram to guest");
     let p = parse(&f).unwrap();
     let udp = UdpPacket::new(&p.l4).unwrap();
     assert_eq!((p.src, p.dst, udp.dst_port(), udp.payload()), (GW, GUEST_IP, 5353, &b"q"[..]));
@@ -738,7 +830,9 @@ fn hostfwd_port_in_use_is_a_startup_error_naming_the_rule() {
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();
     let rule = format!("tcp:127.0.0.1:{port}-:22");
-    let err = UserNet::new(&UserNetConfig { hostfwd: vec![rule.clone()], ..cfg() }).err().expect("bind must fail");
+    let err = UserNet::new(&UserNetConfig { hostfwd: vec![rule.clone()], ..cfg() })
+        .err()
+        .expect("bind must fail");
     let msg = err.to_string();
     assert!(msg.contains(&rule) && msg.contains("in use"), "{msg}");
 }
@@ -953,13 +1047,15 @@ fn hostile_tcp_urgent_data_is_delivered_inline() {
     let mut g = Guest::new(&cfg());
     let c = GuestTcp::connect(&mut g, 47000, (GW, port)).expect("handshake");
     // URG with an urgent pointer far beyond the payload.
-    let mut f = tcp_frame(g.gw_mac, c.sport, c.dst, c.seq, c.ack, TCP_ACK | TCP_URG, b"urgent!!", false);
+    let mut f =
+        tcp_frame(g.gw_mac, c.sport, c.dst, c.seq, c.ack, TCP_ACK | TCP_URG, b"urgent!!", false);
     f[14 + 20 + 18..14 + 20 + 20].copy_from_slice(&0xffffu16.to_be_bytes());
     f[14 + 20 + 16] = 0;
     f[14 + 20 + 17] = 0;
     let ip = Ipv4Packet::new(&f[14..]).unwrap();
     let (src, dst) = (ip.src(), ip.dst());
-    let c16 = !csum_fold(csum_partial(&f[34..], pseudo_header_sum(src, dst, IPPROTO_TCP, f.len() - 34)));
+    let c16 =
+        !csum_fold(csum_partial(&f[34..], pseudo_header_sum(src, dst, IPPROTO_TCP, f.len() - 34)));
     f[14 + 20 + 16..14 + 20 + 18].copy_from_slice(&c16.to_be_bytes());
     g.send(&f);
     assert_eq!(&server.join().unwrap(), b"urgent!!");
@@ -1017,7 +1113,14 @@ fn counters_are_filled() {
     assert_eq!((c.tx_frames, c.rx_frames), (2, 1));
     assert_eq!(c.rx_bytes, 42);
     assert!(c.drops.contains(&("eth_truncated", 1)));
-    for name in ["tcp_flows_open", "udp_flows_open", "icmp_flows_open", "tcp_half_open", "tcp_in", "udp_out"] {
+    for name in [
+        "tcp_flows_open",
+        "udp_flows_open",
+        "icmp_flows_open",
+        "tcp_half_open",
+        "tcp_in",
+        "udp_out",
+    ] {
         assert!(c.gauges.iter().any(|(n, _)| *n == name), "{name}");
     }
 }
@@ -1047,7 +1150,9 @@ fn tcp_to_an_unreachable_network_gets_icmp_unreachable() {
         // No route exists in the private namespace: connect() fails with ENETUNREACH.
         let dst = (Ipv4Addr::new(192, 0, 2, 1), 80);
         g.send(&tcp_frame(g.gw_mac, 48000, dst, 1, 0, TCP_SYN, &[], true));
-        let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_ICMP)).expect("ICMP unreachable");
+        let f = g
+            .wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_ICMP))
+            .expect("ICMP unreachable");
         let p = parse(&f).unwrap();
         let icmp = IcmpPacket::new(&p.l4).unwrap();
         assert_eq!(icmp.icmp_type(), ICMP_DEST_UNREACH);
@@ -1071,7 +1176,10 @@ fn half_open_cap_drops_extra_syns() {
     // SAFETY: plain syscall on a socket we own.
     unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&stuck), 0) };
     let _filler1 = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let _filler2 = TcpStream::connect_timeout(&std::net::SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200));
+    let _filler2 = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    );
     let mut g = Guest::new(&UserNetConfig { max_half_open: 1, ..cfg() });
     g.send(&tcp_frame(g.gw_mac, 48010, (GW, port), 1, 0, TCP_SYN, &[], true));
     g.drain(50);
@@ -1117,7 +1225,9 @@ fn ping_elsewhere_goes_through_an_icmp_socket() {
             eprintln!("cannot bring lo up; skipping");
             return;
         }
-        let out = std::process::Command::new("ip").args(["addr", "add", "192.0.2.77/32", "dev", "lo"]).status();
+        let out = std::process::Command::new("ip")
+            .args(["addr", "add", "192.0.2.77/32", "dev", "lo"])
+            .status();
         if !matches!(out, Ok(s) if s.success()) {
             eprintln!("cannot add an address; skipping");
             return;
@@ -1156,7 +1266,8 @@ fn small_segments_are_acked_after_a_short_delay_without_a_reply() {
     g.drain(0);
     c.send(&mut g, b"abc");
     let sent = Instant::now();
-    let ack = g.wait(|f| tcp_of(f).is_some_and(|t| t.4 == c.seq && t.7.is_empty())).expect("delayed ACK");
+    let ack =
+        g.wait(|f| tcp_of(f).is_some_and(|t| t.4 == c.seq && t.7.is_empty())).expect("delayed ACK");
     assert!(sent.elapsed() < Duration::from_millis(100));
     assert_eq!(tcp_of(&ack).unwrap().5, TCP_ACK);
     server.join().unwrap();
@@ -1202,9 +1313,13 @@ fn zero_window_is_probed() {
     f[14 + 20 + 15] = 0;
     super::fuzz::fix_checksums(&mut f);
     g.send(&f);
-    let probe = g.wait(|f| tcp_of(f).is_some_and(|t| t.3 == c.ack.wrapping_sub(1))).expect("window probe");
+    let probe =
+        g.wait(|f| tcp_of(f).is_some_and(|t| t.3 == c.ack.wrapping_sub(1))).expect("window probe");
     let t = tcp_of(&probe).unwrap();
     assert!(t.7.is_empty());
-    assert!(!g.seen.iter().filter_map(tcp_of).any(|t| !t.7.is_empty()), "no data into a zero window");
+    assert!(
+        !g.seen.iter().filter_map(tcp_of).any(|t| !t.7.is_empty()),
+        "no data into a zero window"
+    );
     server.join().unwrap();
 }

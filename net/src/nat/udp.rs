@@ -120,7 +120,13 @@ impl Engine {
                     let (gip, gport, vip, vport) = flow.key;
                     let (mac, is_dns) = (flow.guest_mac, flow.is_dns);
                     let data = scratch.get(..n).unwrap_or(&[]);
-                    self.udp_to_guest(mac, (vip, vport), (gip, gport), data, if is_dns { Proto::Dns } else { Proto::Udp });
+                    self.udp_to_guest(
+                        mac,
+                        (vip, vport),
+                        (gip, gport),
+                        data,
+                        if is_dns { Proto::Dns } else { Proto::Udp },
+                    );
                 }
                 Err(e) if sys::would_block(&e) => break,
                 Err(e) => {
@@ -139,7 +145,14 @@ impl Engine {
     }
 
     /// Queues one datagram for the guest.
-    pub fn udp_to_guest(&mut self, mac: MacAddr, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), data: &[u8], proto: Proto) {
+    pub fn udp_to_guest(
+        &mut self,
+        mac: MacAddr,
+        src: (Ipv4Addr, u16),
+        dst: (Ipv4Addr, u16),
+        data: &[u8],
+        proto: Proto,
+    ) {
         let hdrs = ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN;
         if data.len() + IPV4_HDR_LEN + UDP_HDR_LEN > 0xffff {
             return self.counters.drop(DropReason::Oversized);
@@ -166,7 +179,11 @@ impl Engine {
         let now = self.now;
         for h in self.udp.flows.handles() {
             let Some(f) = self.udp.flows.get(h) else { continue };
-            let idle = if f.is_dns { self.p.udp_idle.min(std::time::Duration::from_secs(10)) } else { self.p.udp_idle };
+            let idle = if f.is_dns {
+                self.p.udp_idle.min(std::time::Duration::from_secs(10))
+            } else {
+                self.p.udp_idle
+            };
             if now.duration_since(f.last_use) >= idle {
                 if let Some(f) = self.udp.flows.remove(h) {
                     self.epoll.delete(f.sock.as_raw_fd());

@@ -314,7 +314,14 @@ impl<'a> Ipv4Packet<'a> {
 }
 
 /// Writes a 20-byte IPv4 header (DF set) with a valid checksum at `buf[0..20]`.
-pub fn write_ipv4(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload_len: usize, ident: u16) {
+pub fn write_ipv4(
+    buf: &mut [u8],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    payload_len: usize,
+    ident: u16,
+) {
     if buf.len() < IPV4_HDR_LEN {
         return;
     }
@@ -692,7 +699,11 @@ mod tests {
                 let s = &data[start..start + len];
                 let mut slow: u32 = 0;
                 for c in s.chunks(2) {
-                    let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], 0]) };
+                    let w = if c.len() == 2 {
+                        u16::from_be_bytes([c[0], c[1]])
+                    } else {
+                        u16::from_be_bytes([c[0], 0])
+                    };
                     slow += w as u32;
                 }
                 while slow >> 16 != 0 {
