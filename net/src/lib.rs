@@ -2,6 +2,7 @@ pub mod backend;
 pub mod log_limit;
 pub mod mac;
 pub mod mac_registry;
+pub mod nat;
 pub mod socket;
 pub mod tap;
 #[cfg(test)]
