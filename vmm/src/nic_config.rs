@@ -41,7 +41,7 @@ pub struct NicConfig {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum BackendConfig {
     Tap(tapir_net::tap::TapConfig),
-    User(serde_json::Value),
+    User(tapir_net::nat::UserNetConfig),
     Stream(tapir_net::socket::StreamConfig),
     Dgram(tapir_net::socket::DgramConfig),
 }

@@ -15,6 +15,7 @@ use tapir_devices::virtio::VirtioPciDevice;
 use tapir_net::backend::Backend;
 use tapir_net::mac::MacAddr;
 use tapir_net::mac_registry::{MacClaim, MacRegistry};
+use tapir_net::nat::UserNet;
 use tapir_net::socket::{DgramBackend, StreamBackend};
 use tapir_net::tap::Tap;
 
@@ -59,7 +60,7 @@ fn open_backend(index: usize, cfg: &BackendConfig, mac: MacAddr) -> Result<(Box<
     }
     let backend: Box<dyn Backend> = match cfg {
         BackendConfig::Tap(_) => unreachable!("handled above"),
-        BackendConfig::User(_) => return Err(err("the user-mode NAT is not built in yet".into())),
+        BackendConfig::User(u) => Box::new(UserNet::new(u).map_err(|e| err(e.to_string()))?),
         BackendConfig::Stream(s) => Box::new(StreamBackend::new(s, mac).map_err(|e| err(e.to_string()))?),
         BackendConfig::Dgram(d) => Box::new(DgramBackend::new(d, mac).map_err(|e| err(e.to_string()))?),
     };
