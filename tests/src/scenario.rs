@@ -130,6 +130,17 @@ impl Scenario {
         )
     }
 
+    /// Like `tapir_command`, but tapir runs as `nobody` with no capabilities, to show a
+    /// scenario needs no privileges (the script must make /dev/kvm accessible first).
+    pub fn unprivileged_tapir_command(&self, vm: &str, extra: &str) -> String {
+        format!(
+            "setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all {} --config {} {extra} > {} 2>&1",
+            shell_quote(&self.tapir),
+            shell_quote(&self.dir.join(format!("{vm}.json"))),
+            shell_quote(&self.dir.join(format!("{vm}.log"))),
+        )
+    }
+
     /// Shell lines that wait for the backgrounded guest whose pid is in `$pidvar` and
     /// print its exit status for `ScenarioOutcome::exit_status`.
     pub fn record_exit(vm: &str, pidvar: &str) -> String {

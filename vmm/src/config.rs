@@ -249,3 +249,27 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// Every shipped example must stay valid against the schema.
+    #[test]
+    fn example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let cfg = VmConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            for (i, nic) in cfg.nics.iter().enumerate() {
+                nic.validate(i).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+            seen += 1;
+        }
+        assert!(seen >= 5, "expected the example configs in {}", dir.display());
+    }
+}
