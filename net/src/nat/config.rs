@@ -338,6 +338,20 @@ mod tests {
     }
 
     #[test]
+    fn works_inside_an_internally_tagged_backend_enum() {
+        #[derive(Deserialize, Debug)]
+        #[serde(tag = "type", rename_all = "lowercase")]
+        enum BackendCfg {
+            User(UserNetConfig),
+        }
+        let b: BackendCfg =
+            serde_json::from_str(r#"{"type": "user", "hostfwd": ["tcp::5555-:23"]}"#).unwrap();
+        let BackendCfg::User(c) = b;
+        assert_eq!(c.hostfwd, vec!["tcp::5555-:23".to_string()]);
+        assert!(serde_json::from_str::<BackendCfg>(r#"{"type": "user", "bogus": 1}"#).is_err());
+    }
+
+    #[test]
     fn errors_name_field_and_value() {
         let c = UserNetConfig { host: "10.0.3.2".into(), ..Default::default() };
         let e = c.validate().unwrap_err().to_string();
