@@ -7,13 +7,30 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::{guest_images, runner_dir, tapir_binary, GuestImages, RunOutcome, Runner, RunnerError};
+use crate::{guest_images, runner_dir, tapir_binary, GuestImages, Mode, RunOutcome, Runner, RunnerError};
+
+/// Kernel parameters every nested-runner guest needs. QEMU's TCG emulation of SVM does
+/// not intercept XSETBV, so the outer KVM never learns the guest's XCR0: it reports a
+/// stale XSAVE size (the guest warns "XSAVE consistency problem") and context-switches
+/// AVX state with the wrong XCR0, which corrupts concurrently running guests and made
+/// them triple-fault at random. `noxsave` keeps guests on FXSAVE. Hardware KVM does not
+/// need it.
+pub const NESTED_GUEST_CMDLINE: &str = "noxsave";
+
+/// Extra guest kernel parameters for the runner mode of this host.
+pub fn guest_cmdline_for(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Nested => NESTED_GUEST_CMDLINE,
+        Mode::Direct => "",
+    }
+}
 
 pub struct Scenario {
     dir: PathBuf,
     tapir: PathBuf,
     images: GuestImages,
     guests: Vec<String>,
+    mode: Mode,
 }
 
 /// What a scenario run produced: the runner's outcome plus each guest's console log.
@@ -82,7 +99,8 @@ impl Scenario {
         let dir = runner_dir().join(format!("scenario-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| RunnerError::Setup(format!("{}: {e}", dir.display())))?;
-        Ok(Scenario { dir, tapir, images, guests: Vec::new() })
+        let mode = Mode::detect()?;
+        Ok(Scenario { dir, tapir, images, guests: Vec::new(), mode })
     }
 
     pub fn dir(&self) -> &Path {
@@ -109,7 +127,8 @@ impl Scenario {
         std::fs::write(&initrd_path, initrd).map_err(io)?;
         let config = format!(
             r#"{{"name": "{vm}", "vcpus": {vcpus}, "memory_mib": 256, "kernel": "{kernel}", "initrd": "{initrd}",
-  "cmdline_append": "quiet tapir.debug_exit", "debug_exit": true, "nics": {nics}}}"#,
+  "cmdline_append": "quiet tapir.debug_exit {extra}", "debug_exit": true, "nics": {nics}}}"#,
+            extra = guest_cmdline_for(self.mode),
             kernel = self.images.vmlinuz.display(),
             initrd = initrd_path.display(),
         );

@@ -6,7 +6,7 @@
 //! - beta: virtio-net on the bridge;
 //! - gamma: e1000 on the bridge.
 //!
-//! beta and gamma each send alpha 4 MB with busybox nc, and the checksums must match.
+//! beta and gamma each send alpha 2 MB with busybox nc, and the checksums must match.
 //! Every guest pings the bridge's host-side address, and the host pings every guest.
 
 use std::collections::BTreeSet;
@@ -57,7 +57,7 @@ exit 0
             r#"ME={me}
 {COMMON}
 dmesg | grep -q 'NIC Link is Up' && echo E1000-LINK-UP
-head -c 4194304 /dev/urandom > /tmp/payload
+head -c 2097152 /dev/urandom > /tmp/payload
 echo "SENT=$(sha256sum < /tmp/payload | cut -d' ' -f1) $(wc -c < /tmp/payload)"
 wait_for 10.10.0.2 && echo PING-PEER-OK
 i=0
@@ -137,7 +137,7 @@ ip -n {NETNS} link show master br0 | grep -c 'state UP' | sed 's/^/BRIDGE-PORTS-
     let sent_beta = lines_with(out.log("beta"), "SENT=");
     let sent_gamma = lines_with(out.log("gamma"), "SENT=");
     assert_eq!(sent_beta.len(), 1, "{dump}");
-    assert!(sent_beta[0].ends_with(" 4194304"), "{dump}");
+    assert!(sent_beta[0].ends_with(" 2097152"), "{dump}");
     assert_eq!(lines_with(out.log("alpha"), "GOT-BETA="), sent_beta, "virtio-net transfer intact\n{dump}");
     assert_eq!(lines_with(out.log("alpha"), "GOT-GAMMA="), sent_gamma, "e1000 transfer intact\n{dump}");
 }

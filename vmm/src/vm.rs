@@ -130,6 +130,14 @@ impl Vm {
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_step("KVM_GET_SUPPORTED_CPUID"))?;
+        if log::log_enabled!(log::Level::Debug) {
+            for e in cpu::cpuid_for(&base_cpuid, 0, cfg.vcpus).as_slice() {
+                log::debug!(
+                    "cpuid {:#x}/{:#x}: eax={:#010x} ebx={:#010x} ecx={:#010x} edx={:#010x}",
+                    e.function, e.index, e.eax, e.ebx, e.ecx, e.edx
+                );
+            }
+        }
         let mut vcpus = Vec::new();
         for index in 0..cfg.vcpus {
             let vcpu = vm.create_vcpu(u64::from(index)).map_err(kvm_step("KVM_CREATE_VCPU"))?;
