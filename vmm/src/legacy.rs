@@ -22,6 +22,8 @@ pub enum ExitRequest {
     User(String),
     /// A vCPU hit something it cannot continue from.
     Fatal(String),
+    /// Not a stop: log every device's counters and keep running (SIGUSR1).
+    DumpStats,
 }
 
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;

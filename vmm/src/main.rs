@@ -105,11 +105,11 @@ fn load_config(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
 }
 
 /// Stops the VM on SIGINT/SIGTERM/SIGHUP so devices are shut down, taps deleted and the
-/// terminal restored.
+/// terminal restored. SIGUSR1 logs every NIC's counters without stopping.
 fn spawn_signal_thread(exit: std::sync::mpsc::Sender<ExitRequest>) {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGUSR1] {
         set.add(s);
     }
     if let Err(e) = set.thread_block() {
@@ -117,8 +117,13 @@ fn spawn_signal_thread(exit: std::sync::mpsc::Sender<ExitRequest>) {
         return;
     }
     let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
-        if let Ok(signal) = set.wait() {
+        while let Ok(signal) = set.wait() {
+            if signal == Signal::SIGUSR1 {
+                let _ = exit.send(ExitRequest::DumpStats);
+                continue;
+            }
             let _ = exit.send(ExitRequest::User(format!("terminating on signal {signal}")));
+            return;
         }
     });
 }
@@ -155,8 +160,10 @@ fn main() -> ExitCode {
     };
     let forward = vm.exit_sender();
     std::thread::spawn(move || {
-        if let Ok(request) = signal_rx.recv() {
-            let _ = forward.send(request);
+        while let Ok(request) = signal_rx.recv() {
+            if forward.send(request).is_err() {
+                return;
+            }
         }
     });
     let outcome = vm.wait();

@@ -186,7 +186,13 @@ impl Vm {
 
     /// Blocks until the first stop request, then shuts devices down and reports.
     pub fn wait(self) -> VmOutcome {
-        let request = self.exit_rx.recv().unwrap_or_else(|_| ExitRequest::Fatal("all vCPU threads vanished".into()));
+        let request = loop {
+            match self.exit_rx.recv() {
+                Ok(ExitRequest::DumpStats) => self.log_stats(),
+                Ok(request) => break request,
+                Err(_) => break ExitRequest::Fatal("all vCPU threads vanished".into()),
+            }
+        };
         let _ = std::io::stdout().flush();
         for device in self.pci.devices() {
             let mut dev = crate::legacy::lock(device);
@@ -202,6 +208,16 @@ impl Vm {
             ExitRequest::DebugExit(v) => VmOutcome::DebugExit(v),
             ExitRequest::User(why) => VmOutcome::User(why),
             ExitRequest::Fatal(why) => VmOutcome::Fatal(why),
+            ExitRequest::DumpStats => VmOutcome::Fatal("stats request ended the VM".into()),
+        }
+    }
+
+    fn log_stats(&self) {
+        for device in self.pci.devices() {
+            let stats = crate::legacy::lock(device).stats();
+            if !stats.is_empty() {
+                log::info!("{stats}");
+            }
         }
     }
 }

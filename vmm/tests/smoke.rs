@@ -236,3 +236,39 @@ fn a_second_running_vm_with_the_same_mac_is_refused() {
     assert_eq!(second.status.code(), Some(4), "stderr: {err}");
     assert!(err.contains("first-vm") && err.contains("second-vm") && err.contains("02:aa:bb:cc:dd:01"), "stderr: {err}");
 }
+
+#[test]
+fn sigusr1_logs_counters_and_sigterm_stops_cleanly() {
+    let dir = scratch("signals");
+    let kernel = tiny_guest(&dir, &[]);
+    let cfg = dir.join("vm.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"name": "sig", "kernel": "{}", "memory_mib": 32,
+                "nics": [{{"model": "e1000", "backend": {{"type": "stream", "listen": "127.0.0.1:0"}}}}]}}"#,
+            kernel.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tapir"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .env("TAPIR_MAC_REGISTRY", dir.join("registry"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {err}");
+    // One stats line from SIGUSR1 while running, one at exit.
+    let stats_lines = err.lines().filter(|l| l.contains("e1000") && l.contains(": tx ")).count();
+    assert_eq!(stats_lines, 2, "stderr: {err}");
+    assert!(err.contains("terminating on signal SIGTERM"), "stderr: {err}");
+}
