@@ -76,7 +76,7 @@ impl FromStr for MacAddr {
     type Err = MacError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let parts: Vec<&str> = s.split(|c| c == ':' || c == '-').collect();
+        let parts: Vec<&str> = s.split([':', '-']).collect();
         if parts.len() != 6 {
             return Err(MacError::Syntax(s.to_string()));
         }
