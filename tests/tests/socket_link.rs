@@ -56,8 +56,10 @@ ip link set eth1 up
 ip addr add 10.40.0.1/24 dev eth1
 echo 1 > /proc/sys/net/ipv4/ip_forward
 echo FORWARDING
-i=0; until [ -e /proc/net/dev ] && ping -c1 -W1 10.40.0.2 >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && break; done
-sleep 20
+i=0; until ping -c1 -W1 10.40.0.2 >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && exit 2; done
+echo CLIENT-REACHED
+# Keep routing until the client VM is gone (its end of the hub link closes).
+while ping -c1 -W3 10.40.0.2 >/dev/null 2>&1; do sleep 2; done
 exit 0
 "#;
     s.guest(
