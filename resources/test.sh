@@ -6,4 +6,4 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bash "$repo/resources/setup.sh"
 cd "$repo"
-exec cargo test --release --workspace "$@"
+exec cargo test --release --workspace --no-fail-fast "$@"
