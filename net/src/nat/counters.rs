@@ -86,6 +86,8 @@ pub struct NatCounters {
     drops: Vec<u64>,
     pub tcp_urgent_seen: u64,
     pub ip_options_seen: u64,
+    /// Packets from sources behind a routing guest (outside the virtual network).
+    pub routed_from_guest: u64,
     pub tcp_retransmits: u64,
     pub tcp_flows_total: u64,
 }
@@ -146,6 +148,7 @@ impl NatCounters {
             ("tcp_retransmits", self.tcp_retransmits),
             ("tcp_urgent_seen", self.tcp_urgent_seen),
             ("ip_options_seen", self.ip_options_seen),
+            ("routed_in", self.routed_from_guest),
         ]);
         BackendCounters {
             tx_frames: self.frames_from_guest,

@@ -15,6 +15,21 @@ pub const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 pub const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+/// A guest that routes for a LAN behind it (ip_forward=1, no masquerading): its NIC on the
+/// NAT has this MAC, and the LAN host `ROUTED` sends through it.
+pub const ROUTER_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x40, 0x00, 0x01]);
+
+/// Who puts a frame on the wire: its Ethernet source and its IPv4 source.
+#[derive(Clone, Copy, Debug)]
+pub struct Sender {
+    pub mac: MacAddr,
+    pub ip: Ipv4Addr,
+}
+
+/// The guest on the virtual network.
+pub const GUEST: Sender = Sender { mac: GUEST_MAC, ip: GUEST_IP };
+/// A host on the LAN behind `ROUTER_MAC`'s guest.
+pub const ROUTED: Sender = Sender { mac: ROUTER_MAC, ip: Ipv4Addr::new(10, 40, 0, 2) };
 const WAIT: Duration = Duration::from_secs(3);
 
 pub type Frame = (VnetHdr, Vec<u8>);
@@ -111,9 +126,20 @@ pub fn udp_frame(
     dst: (Ipv4Addr, u16),
     payload: &[u8],
 ) -> Vec<u8> {
+    udp_frame_via(GUEST_MAC, gw_mac, src, dst, payload)
+}
+
+/// A UDP frame whose Ethernet source is `eth_src`.
+pub fn udp_frame_via(
+    eth_src: MacAddr,
+    gw_mac: MacAddr,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
     let mut b = vec![0u8; 42 + payload.len()];
     b[42..].copy_from_slice(payload);
-    let n = write_udp_frame(&mut b, gw_mac, GUEST_MAC, src, dst, payload.len(), CsumMode::Full);
+    let n = write_udp_frame(&mut b, gw_mac, eth_src, src, dst, payload.len(), CsumMode::Full);
     b.truncate(n);
     b
 }
@@ -129,8 +155,23 @@ pub fn tcp_frame(
     payload: &[u8],
     syn_opts: bool,
 ) -> Vec<u8> {
+    tcp_frame_from(GUEST, gw_mac, sport, dst, seq, ack, flags, payload, syn_opts)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn tcp_frame_from(
+    from: Sender,
+    gw_mac: MacAddr,
+    sport: u16,
+    dst: (Ipv4Addr, u16),
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+    syn_opts: bool,
+) -> Vec<u8> {
     let th = TcpHeader {
-        src: (GUEST_IP, sport),
+        src: (from.ip, sport),
         dst,
         seq,
         ack,
@@ -142,27 +183,29 @@ pub fn tcp_frame(
     let hl = ETH_HDR_LEN + IPV4_HDR_LEN + th.header_len();
     let mut b = vec![0u8; hl + payload.len()];
     b[hl..].copy_from_slice(payload);
-    let n = write_tcp_frame(&mut b, gw_mac, GUEST_MAC, &th, payload.len(), CsumMode::Full);
+    let n = write_tcp_frame(&mut b, gw_mac, from.mac, &th, payload.len(), CsumMode::Full);
     b.truncate(n);
     b
 }
 
 pub fn icmp_echo_frame(gw_mac: MacAddr, dst: Ipv4Addr, id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+    icmp_echo_frame_from(GUEST, gw_mac, dst, id, seq, data)
+}
+
+pub fn icmp_echo_frame_from(
+    from: Sender,
+    gw_mac: MacAddr,
+    dst: Ipv4Addr,
+    id: u16,
+    seq: u16,
+    data: &[u8],
+) -> Vec<u8> {
     let mut b = vec![0u8; 42 + data.len()];
     let mut rest = [0u8; 4];
     rest[..2].copy_from_slice(&id.to_be_bytes());
     rest[2..].copy_from_slice(&seq.to_be_bytes());
-    let n = write_icmp_frame(
-        &mut b,
-        gw_mac,
-        GUEST_MAC,
-        GUEST_IP,
-        dst,
-        ICMP_ECHO_REQUEST,
-        0,
-        rest,
-        data,
-    );
+    let n =
+        write_icmp_frame(&mut b, gw_mac, from.mac, from.ip, dst, ICMP_ECHO_REQUEST, 0, rest, data);
     b.truncate(n);
     b
 }
@@ -229,6 +272,7 @@ pub fn tcp_of(f: &Frame) -> Option<TcpView> {
 
 /// A guest-side TCP endpoint driven by hand.
 pub struct GuestTcp {
+    pub from: Sender,
     pub sport: u16,
     pub dst: (Ipv4Addr, u16),
     pub seq: u32,
@@ -238,20 +282,31 @@ pub struct GuestTcp {
 impl GuestTcp {
     /// SYN → SYN-ACK → ACK. Returns None if the NAT answered otherwise.
     pub fn connect(g: &mut Guest, sport: u16, dst: (Ipv4Addr, u16)) -> Option<GuestTcp> {
+        Self::connect_from(g, GUEST, sport, dst)
+    }
+
+    /// `connect` for a sender other than the guest.
+    pub fn connect_from(
+        g: &mut Guest,
+        from: Sender,
+        sport: u16,
+        dst: (Ipv4Addr, u16),
+    ) -> Option<GuestTcp> {
         let isn = 1000u32;
-        g.send(&tcp_frame(g.gw_mac, sport, dst, isn, 0, TCP_SYN, &[], true));
+        g.send(&tcp_frame_from(from, g.gw_mac, sport, dst, isn, 0, TCP_SYN, &[], true));
         let f = g.wait(|f| tcp_of(f).is_some_and(|t| t.2 == sport))?;
         let (_, _, _, seq, ack, flags, _, _) = tcp_of(&f)?;
         if flags != TCP_SYN | TCP_ACK || ack != isn + 1 {
             return None;
         }
-        let c = GuestTcp { sport, dst, seq: isn + 1, ack: seq.wrapping_add(1) };
-        g.send(&tcp_frame(g.gw_mac, sport, dst, c.seq, c.ack, TCP_ACK, &[], false));
+        let c = GuestTcp { from, sport, dst, seq: isn + 1, ack: seq.wrapping_add(1) };
+        g.send(&tcp_frame_from(from, g.gw_mac, sport, dst, c.seq, c.ack, TCP_ACK, &[], false));
         Some(c)
     }
 
     pub fn send(&mut self, g: &mut Guest, data: &[u8]) {
-        g.send(&tcp_frame(
+        g.send(&tcp_frame_from(
+            self.from,
             g.gw_mac,
             self.sport,
             self.dst,
@@ -265,7 +320,8 @@ impl GuestTcp {
     }
 
     pub fn fin(&mut self, g: &mut Guest) {
-        g.send(&tcp_frame(
+        g.send(&tcp_frame_from(
+            self.from,
             g.gw_mac,
             self.sport,
             self.dst,
@@ -297,7 +353,8 @@ impl GuestTcp {
                         self.ack = self.ack.wrapping_add(1);
                     }
                 }
-                g.send(&tcp_frame(
+                g.send(&tcp_frame_from(
+                    self.from,
                     g.gw_mac,
                     self.sport,
                     self.dst,
@@ -763,7 +820,8 @@ fn hostfwd_tcp_reaches_a_fake_guest_server() {
     let (p, sport, dport, isn, _, flags, _, _) = tcp_of(&syn).unwrap();
     assert_eq!((p.src, p.dst, dport, flags), (GW, GUEST_IP, 23, TCP_SYN));
     assert_eq!(p.eth_dst, GUEST_MAC);
-    let mut srv = GuestTcp { sport: 23, dst: (GW, sport), seq: 9000, ack: isn.wrapping_add(1) };
+    let mut srv =
+        GuestTcp { from: GUEST, sport: 23, dst: (GW, sport), seq: 9000, ack: isn.wrapping_add(1) };
     g.send(&tcp_frame(g.gw_mac, 23, (GW, sport), srv.seq, srv.ack, TCP_SYN | TCP_ACK, &[], true));
     srv.seq += 1;
     let (data, _) = srv.read(&mut g, 7);
@@ -891,6 +949,190 @@ fn guest_may_not_address_host_loopback_directly() {
     g.drain(20);
     assert!(server.recv(&mut [0u8; 8]).is_err());
     assert_eq!(g.net.dropped(DropReason::MartianDestination), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Routed guests: a guest forwards for a LAN behind it without masquerading, so the LAN's
+// addresses arrive as sources, all from the router guest's MAC.
+
+/// Every IPv4 frame the NAT produced so far went to `to` (address and MAC).
+fn all_ipv4_frames_went_to(g: &Guest, to: Sender, proto: u8) -> usize {
+    let frames: Vec<Parsed> =
+        g.seen.iter().filter_map(parse).filter(|p| p.proto == proto).collect();
+    for p in &frames {
+        assert_eq!((p.dst, p.eth_dst), (to.ip, to.mac), "a reply went astray");
+    }
+    frames.len()
+}
+
+#[test]
+fn routed_host_tcp_exchange_through_a_router_guest() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut req = [0u8; 16];
+        s.read_exact(&mut req).unwrap();
+        s.write_all(b"HTTP/1.0 200 OK\r\n\r\nrouted").unwrap();
+    });
+    let mut g = Guest::new(&cfg());
+    // The router's NAT-side address is known before its LAN's traffic arrives.
+    g.arp_for(GW);
+    g.drain(10);
+    g.seen.clear();
+    let mut c = GuestTcp::connect_from(&mut g, ROUTED, 42100, (GW, port)).expect("handshake");
+    c.send(&mut g, b"GET / HTTP/1.0\r\n");
+    let (data, fin) = c.read(&mut g, 100);
+    assert!(fin, "server's FIN reached the routed host");
+    assert_eq!(data, b"HTTP/1.0 200 OK\r\n\r\nrouted");
+    c.fin(&mut g);
+    server.join().unwrap();
+    assert!(all_ipv4_frames_went_to(&g, ROUTED, IPPROTO_TCP) >= 3);
+    assert!(g.seen.iter().filter_map(parse).all(|p| p.src == GW));
+    assert_eq!(g.net.guest_ip(), Some(GUEST_IP), "routed traffic is not the guest's identity");
+    assert!(gauge(&g, "routed_in") >= 4);
+    assert_eq!(g.net.dropped(DropReason::BadSource), 0);
+    let deadline = Instant::now() + WAIT;
+    while gauge(&g, "tcp_flows_open") != 0 && Instant::now() < deadline {
+        g.drain(20);
+    }
+    assert_eq!(gauge(&g, "tcp_flows_open"), 0, "flow closed after both FINs");
+}
+
+#[test]
+fn routed_host_udp_exchange_through_a_router_guest() {
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    server.set_read_timeout(Some(WAIT)).unwrap();
+    let port = server.local_addr().unwrap().port();
+    let c = UserNetConfig { hostfwd: vec!["tcp:127.0.0.1:0-:22".into()], ..cfg() };
+    let mut g = Guest::new(&c);
+    g.arp_for(GW);
+    g.drain(10);
+    g.seen.clear();
+    let f = udp_frame_via(ROUTER_MAC, g.gw_mac, (ROUTED.ip, 43100), (GW, port), b"routed ping");
+    g.send(&f);
+    let mut b = [0u8; 64];
+    let (n, routed_peer) = server.recv_from(&mut b).unwrap();
+    assert_eq!(&b[..n], b"routed ping");
+    server.send_to(b"routed pong", routed_peer).unwrap();
+    let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_UDP)).expect("reply");
+    let p = parse(&f).unwrap();
+    assert_eq!((p.src, p.dst, p.eth_dst), (GW, ROUTED.ip, ROUTER_MAC));
+    let udp = UdpPacket::new(&p.l4).unwrap();
+    assert_eq!((udp.src_port(), udp.dst_port(), udp.payload()), (port, 43100, &b"routed pong"[..]));
+
+    // The attached guest with the same port is a flow of its own.
+    g.udp(43100, (GW, port), b"attached ping");
+    let (n, guest_peer) = server.recv_from(&mut b).unwrap();
+    assert_eq!(&b[..n], b"attached ping");
+    assert_ne!(guest_peer, routed_peer);
+    server.send_to(b"attached pong", guest_peer).unwrap();
+    let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_UDP)).expect("reply");
+    let p = parse(&f).unwrap();
+    assert_eq!((p.dst, p.eth_dst), (GUEST_IP, GUEST_MAC));
+    assert_eq!(gauge(&g, "udp_flows_open"), 2);
+
+    // Port forwards still go to the attached guest.
+    let _client = TcpStream::connect(g.net.hostfwd_addrs()[0]).unwrap();
+    let syn = g.wait(|f| tcp_of(f).is_some_and(|t| t.5 == TCP_SYN)).expect("forwarded SYN");
+    let (p, _, dport, _, _, _, _, _) = tcp_of(&syn).unwrap();
+    assert_eq!((p.dst, p.eth_dst, dport), (GUEST_IP, GUEST_MAC, 22));
+    assert_eq!(g.net.guest_ip(), Some(GUEST_IP));
+}
+
+#[test]
+fn routed_host_pings_the_gateway_through_a_router_guest() {
+    let mut g = Guest::new(&cfg());
+    g.send(&icmp_echo_frame_from(ROUTED, g.gw_mac, GW, 0x99, 1, b"routed"));
+    let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_ICMP)).expect("echo reply");
+    let p = parse(&f).unwrap();
+    assert_eq!((p.src, p.dst, p.eth_dst), (GW, ROUTED.ip, ROUTER_MAC));
+    assert_eq!(g.net.guest_ip(), None, "a routed source is never taken as the guest's address");
+}
+
+#[test]
+fn routed_host_cannot_answer_a_udp_forward_in_the_guests_name() {
+    let c = UserNetConfig { hostfwd: vec!["udp:127.0.0.1:0-:5353".into()], ..cfg() };
+    let mut g = Guest::new(&c);
+    g.arp_for(GW);
+    g.drain(10);
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    client.send_to(b"q", g.net.hostfwd_addrs()[0]).unwrap();
+    let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_UDP)).expect("to guest");
+    let peer_port = UdpPacket::new(&parse(&f).unwrap().l4).unwrap().src_port();
+    let forged = udp_frame_via(ROUTER_MAC, g.gw_mac, (ROUTED.ip, 5353), (GW, peer_port), b"x");
+    g.send(&forged);
+    g.drain(20);
+    // It may reach the peer's port as any datagram to host loopback would, but never from
+    // the forward's address, which speaks for the guest.
+    if let Ok((_, from)) = client.recv_from(&mut [0u8; 8]) {
+        assert_ne!(from, std::net::SocketAddr::V4(g.net.hostfwd_addrs()[0]));
+    }
+}
+
+#[test]
+fn rejected_sources_are_dropped_and_counted() {
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    server.set_nonblocking(true).unwrap();
+    let port = server.local_addr().unwrap().port();
+    let mut g = Guest::new(&cfg());
+    let bad = [
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::new(0, 1, 2, 3),
+        Ipv4Addr::LOCALHOST,
+        Ipv4Addr::new(127, 9, 9, 9),
+        Ipv4Addr::new(224, 0, 0, 1),
+        Ipv4Addr::new(239, 255, 255, 250),
+        Ipv4Addr::BROADCAST,
+        Ipv4Addr::new(240, 0, 0, 1),
+        Ipv4Addr::new(169, 254, 1, 1),
+        GW,
+        DNS,
+        Ipv4Addr::new(10, 0, 2, 0),
+        Ipv4Addr::new(10, 0, 2, 255),
+    ];
+    for (i, src) in bad.iter().enumerate() {
+        let sport = 44000 + i as u16;
+        g.send(&udp_frame_via(ROUTER_MAC, g.gw_mac, (*src, sport), (GW, port), b"bad"));
+        let from = Sender { mac: ROUTER_MAC, ip: *src };
+        g.send(&tcp_frame_from(from, g.gw_mac, sport, (GW, port), 1, 0, TCP_SYN, &[], true));
+        g.send(&icmp_echo_frame_from(from, g.gw_mac, GW, 1, 1, b"bad"));
+    }
+    assert!(g.drain(20).is_empty(), "no answer to a rejected source");
+    assert!(server.recv(&mut [0u8; 16]).is_err());
+    assert_eq!(g.net.dropped(DropReason::BadSource), 3 * bad.len() as u64);
+    assert_eq!(gauge(&g, "udp_flows_open") + gauge(&g, "tcp_flows_open"), 0);
+    assert_eq!(gauge(&g, "routed_in"), 0);
+    assert_eq!(g.net.guest_ip(), None);
+}
+
+#[test]
+fn restrict_blocks_routed_hosts() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let c =
+        UserNetConfig { restrict: true, hostfwd: vec!["udp:127.0.0.1:0-:5353".into()], ..cfg() };
+    let mut g = Guest::new(&c);
+    g.arp_for(GW);
+    g.drain(10);
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    client.send_to(b"q", g.net.hostfwd_addrs()[0]).unwrap();
+    let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_UDP)).expect("to guest");
+    let peer_port = UdpPacket::new(&parse(&f).unwrap().l4).unwrap().src_port();
+    g.send(&tcp_frame_from(ROUTED, g.gw_mac, 45100, (GW, port), 1, 0, TCP_SYN, &[], true));
+    g.send(&udp_frame_via(ROUTER_MAC, g.gw_mac, (ROUTED.ip, 5353), (GW, peer_port), b"x"));
+    g.send(&icmp_echo_frame_from(ROUTED, g.gw_mac, GW, 1, 1, b"x"));
+    g.send(&udp_frame_via(ROUTER_MAC, g.gw_mac, (ROUTED.ip, 45101), (DNS, 53), b"q"));
+    assert!(g.drain(20).is_empty(), "restrict answers no routed host");
+    assert!(listener.accept().is_err());
+    assert!(client.recv_from(&mut [0u8; 8]).is_err());
+    assert_eq!(g.net.dropped(DropReason::Restricted), 4);
+    assert_eq!(gauge(&g, "routed_in"), 0);
+    assert_eq!(gauge(&g, "tcp_flows_open") + gauge(&g, "udp_flows_open"), 0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1247,6 +1489,16 @@ fn ping_elsewhere_goes_through_an_icmp_socket() {
         assert_eq!(icmp.data(), b"through a socket");
         assert!(icmp.checksum_ok());
         assert_eq!(gauge(&g, "icmp_flows_open"), 1);
+
+        // A routed host using the same echo id is a flow of its own, answered at the
+        // router's MAC.
+        g.send(&icmp_echo_frame_from(ROUTED, g.gw_mac, dst, 0x3131, 10, b"routed"));
+        let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_ICMP)).expect("echo reply");
+        let p = parse(&f).unwrap();
+        let icmp = IcmpPacket::new(&p.l4).unwrap();
+        assert_eq!((p.src, p.dst, p.eth_dst), (dst, ROUTED.ip, ROUTER_MAC));
+        assert_eq!((icmp.ident(), icmp.seq_no(), icmp.data()), (0x3131, 10, &b"routed"[..]));
+        assert_eq!(gauge(&g, "icmp_flows_open"), 2);
     });
 }
 

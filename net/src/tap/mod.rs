@@ -41,7 +41,6 @@ use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
 use crate::warn_limited;
 
-
 /// Name pattern for taps created without a configured name; the kernel fills in `%d`.
 pub const DEFAULT_IFNAME_PATTERN: &str = "tapir%d";
 
