@@ -11,12 +11,12 @@ use super::dhcp::DhcpServer;
 use super::hostfwd::Forwarders;
 use super::icmp::IcmpTable;
 use super::slab::Handle;
-use super::sys::{Epoll, EventFd, TimerFd};
 use super::tcp::TcpTable;
 use super::udp::UdpTable;
 use super::wire::*;
 use crate::backend::{Offloads, VnetHdr, MAX_FRAME_LEN};
 use crate::mac::MacAddr;
+use crate::sys::{Epoll, EventFd, TimerFd};
 
 pub const TOKEN_KICK: u8 = 1;
 pub const TOKEN_TIMER: u8 = 2;

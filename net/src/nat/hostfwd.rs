@@ -13,8 +13,8 @@ use thiserror::Error;
 use super::config::{FwdProto, HostFwd};
 use super::counters::{DropReason, Proto};
 use super::engine::{Engine, TOKEN_FWD_TCP, TOKEN_FWD_UDP};
-use super::sys::{self, Epoll};
 use crate::mac::MacAddr;
+use crate::sys::{self, Epoll};
 
 #[derive(Debug, Error)]
 pub enum HostFwdError {

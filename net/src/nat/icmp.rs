@@ -12,10 +12,10 @@ use std::time::Instant;
 use super::counters::{DropReason, Proto};
 use super::engine::{Engine, TOKEN_ICMP, TOKEN_ICMP_RAW};
 use super::slab::{Handle, Slab};
-use super::sys;
 use super::wire::*;
 use crate::backend::VnetHdr;
 use crate::mac::MacAddr;
+use crate::sys;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IcmpMode {
@@ -321,14 +321,14 @@ impl Engine {
             if expired {
                 if let Some(f) = self.icmp.remove(h) {
                     if let Some(s) = &f.sock {
-                        self.epoll.delete(s.raw_fd());
+                        let _ = self.epoll.delete(s.raw_fd());
                     }
                 }
             }
         }
         if self.icmp.flows.is_empty() {
             if let Some(raw) = self.icmp.raw.take() {
-                self.epoll.delete(raw.raw_fd());
+                let _ = self.epoll.delete(raw.raw_fd());
             }
         }
     }

@@ -25,7 +25,6 @@ pub mod fuzz;
 mod hostfwd;
 mod icmp;
 mod slab;
-mod sys;
 mod tcp;
 mod udp;
 pub mod wire;

@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use super::counters::{DropReason, Proto};
 use super::engine::{Engine, TOKEN_TCP};
 use super::slab::{Handle, Slab};
-use super::sys;
 use super::wire::*;
 use crate::backend::VnetHdr;
 use crate::mac::MacAddr;
+use crate::sys;
 
 /// (guest ip, guest port, virtual remote ip, remote port)
 pub type TcpKey = (Ipv4Addr, u16, Ipv4Addr, u16);
@@ -287,7 +287,7 @@ impl Engine {
         if matches!(f.state, TcpState::Connecting | TcpState::SynSent) {
             self.tcp.half_open = self.tcp.half_open.saturating_sub(1);
         }
-        self.epoll.delete(f.fd());
+        let _ = self.epoll.delete(f.fd());
         if rst_host {
             sys::set_linger_zero(f.fd());
         }

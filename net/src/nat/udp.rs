@@ -9,10 +9,10 @@ use std::time::Instant;
 use super::counters::{DropReason, Proto};
 use super::engine::{Engine, Target, TOKEN_UDP};
 use super::slab::{Handle, Slab};
-use super::sys;
 use super::wire::*;
 use crate::backend::VnetHdr;
 use crate::mac::MacAddr;
+use crate::sys;
 
 /// (guest ip, guest port, virtual destination ip, destination port)
 pub type UdpKey = (Ipv4Addr, u16, Ipv4Addr, u16);
@@ -186,7 +186,7 @@ impl Engine {
             };
             if now.duration_since(f.last_use) >= idle {
                 if let Some(f) = self.udp.flows.remove(h) {
-                    self.epoll.delete(f.sock.as_raw_fd());
+                    let _ = self.epoll.delete(f.sock.as_raw_fd());
                     self.udp.by_key.remove(&f.key);
                 }
             }

@@ -25,10 +25,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use serde::Deserialize;
 use thiserror::Error;
 
-use super::{resolve, sys};
+use super::resolve;
 use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
+use crate::sys;
 use crate::warn_limited;
 
 /// `"backend": {"type": "dgram", ...}` in the VM config.
@@ -133,7 +134,7 @@ fn bound_socket(addr: SocketAddr, reuse: bool) -> io::Result<UdpSocket> {
     let fd =
         socket(family, SockType::Datagram, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
     if reuse {
-        sys::set_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        sys::setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     }
     bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
     Ok(UdpSocket::from(fd))

@@ -37,11 +37,11 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use super::hub::{Peer, Peers, RxEvent};
-use super::sys::{self, Epoll, Flag, Timer};
 use super::{resolve, StreamAddr};
 use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr, MAX_FRAME_LEN};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
+use crate::sys::{self, Epoll, Flag, TimerFd};
 use crate::warn_limited;
 
 /// `"backend": {"type": "stream", ...}` in the VM config.
@@ -218,7 +218,8 @@ impl Target {
                 let family =
                     if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
                 let fd = socket(family, SockType::Stream, flags, None).map_err(io::Error::from)?;
-                let _ = sys::set_int_opt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+                let _ =
+                    sys::setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
                 let result = connect(fd.as_raw_fd(), &SockaddrStorage::from(addr));
                 (fd, result, addr.to_string())
             }
@@ -250,7 +251,7 @@ pub struct StreamBackend {
     addr: StreamAddr,
     mac: MacAddr,
     epoll: Epoll,
-    timer: Timer,
+    timer: TimerFd,
     timer_armed: bool,
     pending: Flag,
     peers: Peers,
@@ -329,7 +330,7 @@ impl StreamBackend {
         }
         let io_err = |what| move |source| StreamError::Io { what, source };
         let epoll = Epoll::new().map_err(io_err("epoll_create"))?;
-        let timer = Timer::new().map_err(io_err("timerfd_create"))?;
+        let timer = TimerFd::new().map_err(io_err("timerfd_create"))?;
         let pending = Flag::new().map_err(io_err("eventfd"))?;
         epoll.add(timer.raw(), libc::EPOLLIN as u32, TOKEN_TIMER).map_err(io_err("epoll_ctl"))?;
         epoll
@@ -590,8 +591,8 @@ impl StreamBackend {
         };
         let _ = self.epoll.delete(fd.as_raw_fd());
         match sys::take_socket_error(fd.as_raw_fd()) {
-            Ok(None) => self.add_peer(fd, name),
-            Ok(Some(e)) | Err(e) => log::debug!("stream {}: reconnect failed: {e}", self.addr),
+            None => self.add_peer(fd, name),
+            Some(e) => log::debug!("stream {}: reconnect failed: {e}", self.addr),
         }
     }
 

@@ -304,7 +304,7 @@ impl Tap {
             self.ifname
         );
         self.gone = true;
-        match sys::silent_eventfd() {
+        match crate::sys::EventFd::new() {
             Ok(silent) => {
                 if let Err(e) = sys::replace_fd(silent.as_fd(), self.fd.as_raw_fd()) {
                     log::error!("tap {}: cannot retire its fd: {e}", self.ifname);
@@ -348,10 +348,10 @@ impl Tap {
         let raw = self.fd.as_raw_fd();
         let target: &mut [u8] = if into_scratch { &mut self.scratch } else { buf };
         if !self.vnet_hdr {
-            return sys::read(raw, target).map(|n| (VnetHdr::default(), n));
+            return crate::sys::read(raw, target).map(|n| (VnetHdr::default(), n));
         }
         let mut hdr_bytes = [0u8; VnetHdr::LEN];
-        let n = sys::readv2(raw, &mut hdr_bytes, target)?;
+        let n = crate::sys::readv2(raw, &mut hdr_bytes, target)?;
         if n < VnetHdr::LEN {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short virtio-net header"));
         }
@@ -672,9 +672,9 @@ impl Backend for Tap {
         let result = loop {
             let r = if self.vnet_hdr {
                 let hdr = VnetHdr { num_buffers: 0, ..*hdr };
-                sys::writev2(raw, &hdr.to_bytes(), frame)
+                crate::sys::writev2(raw, &hdr.to_bytes(), frame)
             } else {
-                sys::write(raw, frame)
+                crate::sys::write(raw, frame)
             };
             match r {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
