@@ -175,9 +175,21 @@ impl Engine {
         self.kick();
     }
 
-    /// Checksum treatment for frames that are not GSO.
-    pub fn rx_csum_offload(&self) -> bool {
-        self.rx_offloads.csum
+    /// How a non-GSO frame to the guest gets its L4 checksum (at `csum_offset` into the
+    /// L4 header). With checksum offload, frames carry only the pseudo-header sum and
+    /// NEEDS_CSUM: a virtio guest accepts that on receive, and a tap (which reads our
+    /// frames as a guest's transmit) honours nothing else, DATA_VALID included.
+    pub fn l4_csum_mode(&self, csum_offset: u16) -> (CsumMode, VnetHdr) {
+        if !self.rx_offloads.csum {
+            return (CsumMode::Full, VnetHdr::default());
+        }
+        let hdr = VnetHdr {
+            flags: VnetHdr::FLAG_NEEDS_CSUM,
+            csum_start: (ETH_HDR_LEN + IPV4_HDR_LEN) as u16,
+            csum_offset,
+            ..Default::default()
+        };
+        (CsumMode::Partial, hdr)
     }
 
     pub fn ensure_timer(&mut self) {

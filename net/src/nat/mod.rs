@@ -20,6 +20,7 @@ pub mod counters;
 mod dhcp;
 mod dns;
 mod engine;
+mod frames;
 #[doc(hidden)]
 pub mod fuzz;
 mod hostfwd;

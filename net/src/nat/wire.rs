@@ -24,6 +24,9 @@ pub const UDP_HDR_LEN: usize = 8;
 pub const TCP_HDR_LEN: usize = 20;
 pub const ICMP_HDR_LEN: usize = 8;
 pub const ARP_LEN: usize = 28;
+/// Where the checksum field sits in a UDP and a TCP header.
+pub const UDP_CSUM_OFFSET: u16 = 6;
+pub const TCP_CSUM_OFFSET: u16 = 16;
 
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_ARP: u16 = 0x0806;
@@ -408,9 +411,9 @@ pub fn write_udp_frame(
             if c == 0 {
                 c = 0xffff;
             }
-            put16(u, 6, c);
+            put16(u, UDP_CSUM_OFFSET as usize, c);
         }
-        CsumMode::Partial => put16(u, 6, csum_fold(ph)),
+        CsumMode::Partial => put16(u, UDP_CSUM_OFFSET as usize, csum_fold(ph)),
         CsumMode::None => {}
     }
     total
@@ -593,9 +596,9 @@ pub fn write_tcp_frame(
     match csum {
         CsumMode::Full => {
             let c = !csum_fold(csum_partial(t, ph));
-            put16(t, 16, c);
+            put16(t, TCP_CSUM_OFFSET as usize, c);
         }
-        CsumMode::Partial => put16(t, 16, csum_fold(ph)),
+        CsumMode::Partial => put16(t, TCP_CSUM_OFFSET as usize, csum_fold(ph)),
         CsumMode::None => {}
     }
     total
