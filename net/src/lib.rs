@@ -1,4 +1,5 @@
 pub mod backend;
+mod drops;
 pub mod log_limit;
 pub mod mac;
 pub mod mac_registry;

@@ -317,7 +317,7 @@ fn tcp_listener_nonblocking() -> (TcpListener, u16) {
 }
 
 fn gauge(g: &Guest, name: &str) -> u64 {
-    g.net.counters().gauges.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).unwrap_or(0)
+    crate::testutil::gauge(&g.net, name)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ use thiserror::Error;
 
 use super::resolve;
 use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr};
+use crate::drops::{drop_reasons, DropCounts};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
 use crate::sys;
@@ -76,32 +77,20 @@ const ETH_HEADER_LEN: usize = 14;
 /// of our own looped-back frames cannot hold it.
 const RECV_BUDGET: usize = 64;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DropKind {
-    TxOffloadUnsupported,
-    TxTooLarge,
-    TxSocketFull,
-    TxPeerUnreachable,
-    TxError,
-    RxRunt,
-    RxTooLarge,
-    RxMacConflict,
-    RxForeignSource,
-    RxError,
+drop_reasons! {
+    enum DropKind {
+        TxOffloadUnsupported => "tx_offload_unsupported",
+        TxTooLarge => "tx_too_large_for_udp",
+        TxSocketFull => "tx_socket_full",
+        TxPeerUnreachable => "tx_peer_unreachable",
+        TxError => "tx_error",
+        RxRunt => "rx_runt",
+        RxTooLarge => "rx_too_large_for_buffer",
+        RxMacConflict => "rx_mac_conflict",
+        RxForeignSource => "rx_foreign_source",
+        RxError => "rx_error",
+    }
 }
-
-const DROP_KINDS: [(DropKind, &str); 10] = [
-    (DropKind::TxOffloadUnsupported, "tx_offload_unsupported"),
-    (DropKind::TxTooLarge, "tx_too_large_for_udp"),
-    (DropKind::TxSocketFull, "tx_socket_full"),
-    (DropKind::TxPeerUnreachable, "tx_peer_unreachable"),
-    (DropKind::TxError, "tx_error"),
-    (DropKind::RxRunt, "rx_runt"),
-    (DropKind::RxTooLarge, "rx_too_large_for_buffer"),
-    (DropKind::RxMacConflict, "rx_mac_conflict"),
-    (DropKind::RxForeignSource, "rx_foreign_source"),
-    (DropKind::RxError, "rx_error"),
-];
 
 enum Mode {
     Unicast { remote: SocketAddr },
@@ -119,7 +108,7 @@ pub struct DgramBackend {
     rx_frames: u64,
     rx_bytes: u64,
     own_frames_ignored: u64,
-    drops: [u64; DROP_KINDS.len()],
+    drops: DropCounts<DropKind>,
     log: LogLimiter,
 }
 
@@ -171,7 +160,7 @@ impl DgramBackend {
             rx_frames: 0,
             rx_bytes: 0,
             own_frames_ignored: 0,
-            drops: [0; DROP_KINDS.len()],
+            drops: DropCounts::new(),
             log: LogLimiter::default_rate(),
         })
     }
@@ -284,9 +273,7 @@ impl DgramBackend {
     }
 
     fn count_drop(&mut self, kind: DropKind) {
-        if let Some(i) = DROP_KINDS.iter().position(|(k, _)| *k == kind) {
-            self.drops[i] += 1;
-        }
+        self.drops.count(kind);
     }
 
     /// The socket our frames leave from (the send socket for multicast).
@@ -431,7 +418,7 @@ impl Backend for DgramBackend {
             tx_bytes: self.tx_bytes,
             rx_frames: self.rx_frames,
             rx_bytes: self.rx_bytes,
-            drops: DROP_KINDS.iter().zip(self.drops).map(|((_, name), n)| (*name, n)).collect(),
+            drops: self.drops.report(),
             gauges: vec![("own_frames_ignored", self.own_frames_ignored)],
         }
     }

@@ -39,6 +39,7 @@ use thiserror::Error;
 use super::hub::{Peer, Peers, RxEvent};
 use super::{resolve, StreamAddr};
 use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr, MAX_FRAME_LEN};
+use crate::drops::{drop_reasons, DropCounts};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
 use crate::sys::{self, Epoll, Flag, TimerFd};
@@ -119,28 +120,18 @@ const LISTENER_PAUSE: Duration = Duration::from_secs(1);
 const FIRST_RECONNECT: Duration = Duration::from_millis(50);
 const PEER_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DropKind {
-    LinkDown,
-    TxOffloadUnsupported,
-    TxBadLength,
-    TxPeerLost,
-    HubPeerCongested,
-    RxBadLength,
-    RxTruncated,
-    RxTooLargeForBuffer,
+drop_reasons! {
+    enum DropKind {
+        LinkDown => "link_down",
+        TxOffloadUnsupported => "tx_offload_unsupported",
+        TxBadLength => "tx_bad_length",
+        TxPeerLost => "tx_peer_lost",
+        HubPeerCongested => "hub_peer_congested",
+        RxBadLength => "rx_bad_length",
+        RxTruncated => "rx_truncated_at_disconnect",
+        RxTooLargeForBuffer => "rx_too_large_for_buffer",
+    }
 }
-
-const DROP_KINDS: [(DropKind, &str); 8] = [
-    (DropKind::LinkDown, "link_down"),
-    (DropKind::TxOffloadUnsupported, "tx_offload_unsupported"),
-    (DropKind::TxBadLength, "tx_bad_length"),
-    (DropKind::TxPeerLost, "tx_peer_lost"),
-    (DropKind::HubPeerCongested, "hub_peer_congested"),
-    (DropKind::RxBadLength, "rx_bad_length"),
-    (DropKind::RxTruncated, "rx_truncated_at_disconnect"),
-    (DropKind::RxTooLargeForBuffer, "rx_too_large_for_buffer"),
-];
 
 enum Listener {
     Tcp(TcpListener),
@@ -261,7 +252,7 @@ pub struct StreamBackend {
     tx_bytes: u64,
     rx_frames: u64,
     rx_bytes: u64,
-    drops: [u64; DROP_KINDS.len()],
+    drops: DropCounts<DropKind>,
     refused_peers: u64,
     log: LogLimiter,
 }
@@ -391,7 +382,7 @@ impl StreamBackend {
             tx_bytes: 0,
             rx_frames: 0,
             rx_bytes: 0,
-            drops: [0; DROP_KINDS.len()],
+            drops: DropCounts::new(),
             refused_peers: 0,
             log: LogLimiter::default_rate(),
         };
@@ -459,9 +450,7 @@ impl StreamBackend {
     }
 
     fn count_drop(&mut self, kind: DropKind) {
-        if let Some(i) = DROP_KINDS.iter().position(|(k, _)| *k == kind) {
-            self.drops[i] += 1;
-        }
+        self.drops.count(kind);
     }
 
     fn add_peer(&mut self, fd: OwnedFd, name: String) {
@@ -778,7 +767,7 @@ impl Backend for StreamBackend {
             tx_bytes: self.tx_bytes,
             rx_frames: self.rx_frames,
             rx_bytes: self.rx_bytes,
-            drops: DROP_KINDS.iter().zip(self.drops).map(|((_, name), n)| (*name, n)).collect(),
+            drops: self.drops.report(),
             gauges: vec![
                 ("peers", self.peers.open_count() as u64),
                 ("refused_peers", self.refused_peers),

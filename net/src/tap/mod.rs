@@ -37,6 +37,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr, MAX_FRAME_LEN};
+use crate::drops::{drop_reasons, DropCounts};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
 use crate::warn_limited;
@@ -157,31 +158,20 @@ impl TapConfig {
     }
 }
 
-/// The drops a tap counts, in the order `counters()` reports them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DropKind {
-    TapGone,
-    TapDown,
-    TxRejected,
-    TxError,
-    TxTooLarge,
-    TxOffloadWithoutVnetHdr,
-    RxError,
-    RxTooLargeForBuffer,
-    RxRunt,
+drop_reasons! {
+    /// The drops a tap counts, in the order `counters()` reports them.
+    enum DropKind {
+        TapGone => "tap_gone",
+        TapDown => "tap_down",
+        TxRejected => "tx_rejected_by_kernel",
+        TxError => "tx_error",
+        TxTooLarge => "tx_too_large",
+        TxOffloadWithoutVnetHdr => "tx_offload_without_vnet_hdr",
+        RxError => "rx_error",
+        RxTooLargeForBuffer => "rx_too_large_for_buffer",
+        RxRunt => "rx_runt",
+    }
 }
-
-const DROP_KINDS: [(DropKind, &str); 9] = [
-    (DropKind::TapGone, "tap_gone"),
-    (DropKind::TapDown, "tap_down"),
-    (DropKind::TxRejected, "tx_rejected_by_kernel"),
-    (DropKind::TxError, "tx_error"),
-    (DropKind::TxTooLarge, "tx_too_large"),
-    (DropKind::TxOffloadWithoutVnetHdr, "tx_offload_without_vnet_hdr"),
-    (DropKind::RxError, "rx_error"),
-    (DropKind::RxTooLargeForBuffer, "rx_too_large_for_buffer"),
-    (DropKind::RxRunt, "rx_runt"),
-];
 
 pub struct Tap {
     /// The tap fd; once the tap is gone, a silent eventfd under the same number.
@@ -198,7 +188,7 @@ pub struct Tap {
     tx_bytes: u64,
     rx_frames: u64,
     rx_bytes: u64,
-    drops: [u64; DROP_KINDS.len()],
+    drops: DropCounts<DropKind>,
     log: LogLimiter,
     /// Receive buffer for callers whose buffer is shorter than `MAX_FRAME_LEN`: a short
     /// read from a tap loses the frame, so the read always has room for the largest one.
@@ -263,7 +253,7 @@ impl Tap {
             tx_bytes: 0,
             rx_frames: 0,
             rx_bytes: 0,
-            drops: [0; DROP_KINDS.len()],
+            drops: DropCounts::new(),
             log: LogLimiter::default_rate(),
             scratch: Vec::new(),
         })
@@ -290,9 +280,7 @@ impl Tap {
     }
 
     fn count_drop(&mut self, kind: DropKind) {
-        if let Some(i) = DROP_KINDS.iter().position(|(k, _)| *k == kind) {
-            self.drops[i] += 1;
-        }
+        self.drops.count(kind);
     }
 
     /// The tap was deleted (`ip link del`): log once, go link-down, and stop the poll fd
@@ -742,7 +730,7 @@ impl Backend for Tap {
             tx_bytes: self.tx_bytes,
             rx_frames: self.rx_frames,
             rx_bytes: self.rx_bytes,
-            drops: DROP_KINDS.iter().zip(self.drops).map(|((_, name), n)| (*name, n)).collect(),
+            drops: self.drops.report(),
             gauges: vec![("tap_gone", u64::from(self.gone))],
         }
     }
