@@ -35,26 +35,20 @@ use crate::warn_limited;
 
 /// `"backend": {"type": "dgram", ...}` in the VM config.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DgramConfig {
     /// Unicast: `"host:port"` to bind.
-    #[serde(default)]
     pub local: Option<String>,
     /// Unicast: `"host:port"` of the peer; datagrams from anywhere else are ignored.
-    #[serde(default)]
     pub remote: Option<String>,
     /// Multicast: `"group:port"`, an IPv4 group such as 230.0.0.1:1234.
-    #[serde(default)]
     pub mcast: Option<String>,
     /// Multicast TTL (default 1: the local network only).
-    #[serde(default)]
     pub ttl: Option<u32>,
     /// Multicast loopback (default true: other VMs on this host hear us). Over `lo`
     /// itself every datagram loops back whatever this says.
-    #[serde(default)]
     pub loopback: Option<bool>,
     /// Multicast: IPv4 address of the interface to use (default: chosen by routing).
-    #[serde(default)]
     pub local_addr: Option<String>,
 }
 

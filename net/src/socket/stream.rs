@@ -47,31 +47,18 @@ use crate::warn_limited;
 
 /// `"backend": {"type": "stream", ...}` in the VM config.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct StreamConfig {
     /// `"host:port"` or `"unix:/path"` to listen on.
-    #[serde(default)]
     pub listen: Option<String>,
     /// `"host:port"` or `"unix:/path"` to connect to.
-    #[serde(default)]
     pub connect: Option<String>,
     /// Accept many peers and forward frames among them (listen side only).
-    #[serde(default)]
     pub hub: bool,
     /// How long startup waits for the listener; 0 = don't wait, connect in the background.
-    #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Interval between reconnect attempts while the link is down (connect side).
-    #[serde(default = "default_reconnect_ms")]
     pub reconnect_ms: u64,
-}
-
-fn default_connect_timeout_ms() -> u64 {
-    5000
-}
-
-fn default_reconnect_ms() -> u64 {
-    1000
 }
 
 impl Default for StreamConfig {
@@ -80,8 +67,8 @@ impl Default for StreamConfig {
             listen: None,
             connect: None,
             hub: false,
-            connect_timeout_ms: default_connect_timeout_ms(),
-            reconnect_ms: default_reconnect_ms(),
+            connect_timeout_ms: 5000,
+            reconnect_ms: 1000,
         }
     }
 }

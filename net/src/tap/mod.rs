@@ -47,25 +47,17 @@ pub const DEFAULT_IFNAME_PATTERN: &str = "tapir%d";
 
 /// `"backend": {"type": "tap", ...}` in the VM config.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TapConfig {
     /// An existing tap to attach to, or the name of the tap to create. Without it (and
     /// without `fd`), tapir creates `tapir0`, `tapir1`, ...
-    #[serde(default)]
     pub ifname: Option<String>,
     /// An already-open tap fd handed over by a launcher (tapir takes ownership).
-    #[serde(default)]
     pub fd: Option<i32>,
     /// An existing bridge to attach the tap to.
-    #[serde(default)]
     pub bridge: Option<String>,
     /// Carry virtio-net headers (and with them checksum/TSO offloads) through the tap.
-    #[serde(default = "default_true")]
     pub vnet_hdr: bool,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 impl Default for TapConfig {
