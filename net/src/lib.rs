@@ -1,5 +1,5 @@
 pub mod backend;
-mod drops;
+mod counters;
 pub mod log_limit;
 pub mod mac;
 pub mod mac_registry;

@@ -1,7 +1,7 @@
 //! Per-NIC NAT counters: frames in/out per protocol, drops by reason, flows open.
 
 use crate::backend::BackendCounters;
-use crate::drops::{drop_reasons, DropCounts};
+use crate::counters::{drop_reasons, DropCounts};
 
 drop_reasons! {
     /// Why a frame (or a flow) was dropped.

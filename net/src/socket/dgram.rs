@@ -27,7 +27,7 @@ use thiserror::Error;
 
 use super::resolve;
 use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr};
-use crate::drops::{drop_reasons, DropCounts};
+use crate::counters::{drop_reasons, LinkCounters};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
 use crate::sys;
@@ -97,12 +97,8 @@ pub struct DgramBackend {
     mode: Mode,
     mac: MacAddr,
     description: String,
-    tx_frames: u64,
-    tx_bytes: u64,
-    rx_frames: u64,
-    rx_bytes: u64,
+    counts: LinkCounters<DropKind>,
     own_frames_ignored: u64,
-    drops: DropCounts<DropKind>,
     log: LogLimiter,
 }
 
@@ -149,12 +145,8 @@ impl DgramBackend {
             mode,
             mac,
             description,
-            tx_frames: 0,
-            tx_bytes: 0,
-            rx_frames: 0,
-            rx_bytes: 0,
+            counts: LinkCounters::new(),
             own_frames_ignored: 0,
-            drops: DropCounts::new(),
             log: LogLimiter::default_rate(),
         })
     }
@@ -266,10 +258,6 @@ impl DgramBackend {
         Ok((rx, Mode::Multicast { group, tx, own_source }, description))
     }
 
-    fn count_drop(&mut self, kind: DropKind) {
-        self.drops.count(kind);
-    }
-
     /// The socket our frames leave from (the send socket for multicast).
     pub fn send_addr(&self) -> Option<SocketAddr> {
         match &self.mode {
@@ -295,16 +283,16 @@ impl DgramBackend {
     fn send_error(&mut self, e: io::Error) -> BackendError {
         match e.raw_os_error() {
             Some(libc::EAGAIN) | Some(libc::ENOBUFS) => {
-                self.count_drop(DropKind::TxSocketFull);
+                self.counts.dropped(DropKind::TxSocketFull);
                 BackendError::Dropped("udp socket buffer full")
             }
             Some(libc::ECONNREFUSED) | Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) => {
-                self.count_drop(DropKind::TxPeerUnreachable);
+                self.counts.dropped(DropKind::TxPeerUnreachable);
                 warn_limited!(self.log, "dgram {}: peer unreachable: {e}", self.description);
                 BackendError::Dropped("udp peer unreachable")
             }
             _ => {
-                self.count_drop(DropKind::TxError);
+                self.counts.dropped(DropKind::TxError);
                 warn_limited!(self.log, "dgram {}: send failed: {e}", self.description);
                 BackendError::Dropped("udp send failed")
             }
@@ -331,11 +319,11 @@ impl Backend for DgramBackend {
 
     fn send(&mut self, hdr: &VnetHdr, frame: &[u8]) -> Result<(), BackendError> {
         if !hdr.is_plain() {
-            self.count_drop(DropKind::TxOffloadUnsupported);
+            self.counts.dropped(DropKind::TxOffloadUnsupported);
             return Err(BackendError::Dropped("dgram backend takes no offloaded frames"));
         }
         if frame.len() > MAX_DATAGRAM_FRAME {
-            self.count_drop(DropKind::TxTooLarge);
+            self.counts.dropped(DropKind::TxTooLarge);
             return Err(BackendError::Dropped("frame larger than a UDP datagram"));
         }
         let result = match &self.mode {
@@ -344,8 +332,7 @@ impl Backend for DgramBackend {
         };
         match result {
             Ok(_) => {
-                self.tx_frames += 1;
-                self.tx_bytes += frame.len() as u64;
+                self.counts.sent(frame.len());
                 Ok(())
             }
             Err(e) => Err(self.send_error(e)),
@@ -359,27 +346,27 @@ impl Backend for DgramBackend {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 // An ICMP error for an earlier unicast send; not a frame.
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                    self.count_drop(DropKind::TxPeerUnreachable);
+                    self.counts.dropped(DropKind::TxPeerUnreachable);
                     continue;
                 }
                 Err(e) => {
-                    self.count_drop(DropKind::RxError);
+                    self.counts.dropped(DropKind::RxError);
                     warn_limited!(self.log, "dgram {}: receive failed: {e}", self.description);
                     return Ok(None);
                 }
             };
             if len > buf.len() {
-                self.count_drop(DropKind::RxTooLarge);
+                self.counts.dropped(DropKind::RxTooLarge);
                 continue;
             }
             let Some(frame) = buf.get(..len).filter(|f| f.len() >= ETH_HEADER_LEN) else {
-                self.count_drop(DropKind::RxRunt);
+                self.counts.dropped(DropKind::RxRunt);
                 continue;
             };
             if let Mode::Unicast { remote } = &self.mode {
                 // The socket is connected, but be explicit about foreign senders.
                 if source.is_some_and(|s| s != *remote) {
-                    self.count_drop(DropKind::RxForeignSource);
+                    self.counts.dropped(DropKind::RxForeignSource);
                     continue;
                 }
             }
@@ -388,7 +375,7 @@ impl Backend for DgramBackend {
                 if self.sent_by_own_socket(source) {
                     self.own_frames_ignored += 1;
                 } else {
-                    self.count_drop(DropKind::RxMacConflict);
+                    self.counts.dropped(DropKind::RxMacConflict);
                     warn_limited!(
                         self.log,
                         "dgram {}: a frame from {} carries this NIC's own MAC {}; two NICs share it",
@@ -399,22 +386,14 @@ impl Backend for DgramBackend {
                 }
                 continue;
             }
-            self.rx_frames += 1;
-            self.rx_bytes += len as u64;
+            self.counts.received(len);
             return Ok(Some((VnetHdr::default(), len)));
         }
         Ok(None)
     }
 
     fn counters(&self) -> BackendCounters {
-        BackendCounters {
-            tx_frames: self.tx_frames,
-            tx_bytes: self.tx_bytes,
-            rx_frames: self.rx_frames,
-            rx_bytes: self.rx_bytes,
-            drops: self.drops.report(),
-            gauges: vec![("own_frames_ignored", self.own_frames_ignored)],
-        }
+        self.counts.report(vec![("own_frames_ignored", self.own_frames_ignored)])
     }
 }
 

@@ -39,7 +39,7 @@ use thiserror::Error;
 use super::hub::{Peer, Peers, RxEvent};
 use super::{resolve, StreamAddr};
 use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr, MAX_FRAME_LEN};
-use crate::drops::{drop_reasons, DropCounts};
+use crate::counters::{drop_reasons, LinkCounters};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
 use crate::sys::{self, Epoll, Flag, TimerFd};
@@ -235,11 +235,7 @@ pub struct StreamBackend {
     peers: Peers,
     next_token: u64,
     events: Vec<(u32, u64)>,
-    tx_frames: u64,
-    tx_bytes: u64,
-    rx_frames: u64,
-    rx_bytes: u64,
-    drops: DropCounts<DropKind>,
+    counts: LinkCounters<DropKind>,
     refused_peers: u64,
     log: LogLimiter,
 }
@@ -365,11 +361,7 @@ impl StreamBackend {
             peers: Peers::default(),
             next_token: FIRST_PEER_TOKEN,
             events: Vec::with_capacity(32),
-            tx_frames: 0,
-            tx_bytes: 0,
-            rx_frames: 0,
-            rx_bytes: 0,
-            drops: DropCounts::new(),
+            counts: LinkCounters::new(),
             refused_peers: 0,
             log: LogLimiter::default_rate(),
         };
@@ -434,10 +426,6 @@ impl StreamBackend {
 
     fn is_hub(&self) -> bool {
         matches!(self.role, Role::Listen { hub: true, .. })
-    }
-
-    fn count_drop(&mut self, kind: DropKind) {
-        self.drops.count(kind);
     }
 
     fn add_peer(&mut self, fd: OwnedFd, name: String) {
@@ -625,7 +613,7 @@ impl StreamBackend {
         let removed = self.peers.reap();
         let truncated = removed.iter().filter(|p| p.rx.has_partial()).count();
         for _ in 0..truncated {
-            self.count_drop(DropKind::RxTruncated);
+            self.counts.dropped(DropKind::RxTruncated);
         }
         if !removed.is_empty() && self.peers.open_count() == 0 {
             log::info!("stream {}: no peer connected; link down", self.addr);
@@ -664,21 +652,21 @@ impl Backend for StreamBackend {
 
     fn send(&mut self, hdr: &VnetHdr, frame: &[u8]) -> Result<(), BackendError> {
         if !hdr.is_plain() {
-            self.count_drop(DropKind::TxOffloadUnsupported);
+            self.counts.dropped(DropKind::TxOffloadUnsupported);
             return Err(BackendError::Dropped("stream backend takes no offloaded frames"));
         }
         if frame.is_empty() || frame.len() > MAX_FRAME_LEN {
-            self.count_drop(DropKind::TxBadLength);
+            self.counts.dropped(DropKind::TxBadLength);
             return Err(BackendError::Dropped("frame length out of range"));
         }
         if self.peers.open_count() == 0 {
-            self.count_drop(DropKind::LinkDown);
+            self.counts.dropped(DropKind::LinkDown);
             return Err(BackendError::Dropped("stream link is down"));
         }
         let result = if self.is_hub() {
             let (_, congested) = self.peers.flood(frame, None);
             for _ in 0..congested {
-                self.count_drop(DropKind::HubPeerCongested);
+                self.counts.dropped(DropKind::HubPeerCongested);
             }
             Ok(())
         } else {
@@ -686,15 +674,14 @@ impl Backend for StreamBackend {
                 Some(super::hub::Offer::Taken) => Ok(()),
                 Some(super::hub::Offer::Congested) => Err(BackendError::WouldBlock),
                 Some(super::hub::Offer::Broken) | None => {
-                    self.count_drop(DropKind::TxPeerLost);
+                    self.counts.dropped(DropKind::TxPeerLost);
                     Err(BackendError::Dropped("stream peer disconnected"))
                 }
             }
         };
         self.settle();
         if result.is_ok() {
-            self.tx_frames += 1;
-            self.tx_bytes += frame.len() as u64;
+            self.counts.sent(frame.len());
         }
         result
     }
@@ -707,16 +694,15 @@ impl Backend for StreamBackend {
                         let (_, congested) =
                             self.peers.flood(buf.get(..frame.len).unwrap_or(&[]), Some(frame.from));
                         for _ in 0..congested {
-                            self.count_drop(DropKind::HubPeerCongested);
+                            self.counts.dropped(DropKind::HubPeerCongested);
                         }
                     }
-                    self.rx_frames += 1;
-                    self.rx_bytes += frame.len as u64;
+                    self.counts.received(frame.len);
                     self.settle();
                     return Ok(Some((VnetHdr::default(), frame.len)));
                 }
                 Some(RxEvent::TooLarge(len)) => {
-                    self.count_drop(DropKind::RxTooLargeForBuffer);
+                    self.counts.dropped(DropKind::RxTooLargeForBuffer);
                     self.settle();
                     warn_limited!(
                         self.log,
@@ -726,7 +712,7 @@ impl Backend for StreamBackend {
                     return Err(BackendError::Dropped("frame larger than receive buffer"));
                 }
                 Some(RxEvent::BadLength { peer, len }) => {
-                    self.count_drop(DropKind::RxBadLength);
+                    self.counts.dropped(DropKind::RxBadLength);
                     // A hub peer could reconnect and repeat this at will: limit the lines.
                     if self.log.allow().is_some() {
                         log::error!(
@@ -749,17 +735,10 @@ impl Backend for StreamBackend {
     }
 
     fn counters(&self) -> BackendCounters {
-        BackendCounters {
-            tx_frames: self.tx_frames,
-            tx_bytes: self.tx_bytes,
-            rx_frames: self.rx_frames,
-            rx_bytes: self.rx_bytes,
-            drops: self.drops.report(),
-            gauges: vec![
-                ("peers", self.peers.open_count() as u64),
-                ("refused_peers", self.refused_peers),
-            ],
-        }
+        self.counts.report(vec![
+            ("peers", self.peers.open_count() as u64),
+            ("refused_peers", self.refused_peers),
+        ])
     }
 }
 

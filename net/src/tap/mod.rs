@@ -37,7 +37,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr, MAX_FRAME_LEN};
-use crate::drops::{drop_reasons, DropCounts};
+use crate::counters::{drop_reasons, LinkCounters};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
 use crate::warn_limited;
@@ -176,11 +176,7 @@ pub struct Tap {
     supported: Offloads,
     rx_offloads: Offloads,
     gone: bool,
-    tx_frames: u64,
-    tx_bytes: u64,
-    rx_frames: u64,
-    rx_bytes: u64,
-    drops: DropCounts<DropKind>,
+    counts: LinkCounters<DropKind>,
     log: LogLimiter,
     /// Receive buffer for callers whose buffer is shorter than `MAX_FRAME_LEN`: a short
     /// read from a tap loses the frame, so the read always has room for the largest one.
@@ -241,11 +237,7 @@ impl Tap {
             supported,
             rx_offloads: Offloads::NONE,
             gone: false,
-            tx_frames: 0,
-            tx_bytes: 0,
-            rx_frames: 0,
-            rx_bytes: 0,
-            drops: DropCounts::new(),
+            counts: LinkCounters::new(),
             log: LogLimiter::default_rate(),
             scratch: Vec::new(),
         })
@@ -271,10 +263,6 @@ impl Tap {
         self.rx_offloads
     }
 
-    fn count_drop(&mut self, kind: DropKind) {
-        self.drops.count(kind);
-    }
-
     /// The tap was deleted (`ip link del`): log once, go link-down, and stop the poll fd
     /// from reporting POLLERR forever.
     fn mark_gone(&mut self, err: io::Error) -> BackendError {
@@ -298,17 +286,17 @@ impl Tap {
     fn send_error(&mut self, err: io::Error) -> BackendError {
         match err.raw_os_error() {
             Some(libc::EBADFD) => {
-                self.count_drop(DropKind::TapGone);
+                self.counts.dropped(DropKind::TapGone);
                 self.mark_gone(err)
             }
             Some(libc::EAGAIN) => BackendError::WouldBlock,
             Some(libc::EIO) => {
-                self.count_drop(DropKind::TapDown);
+                self.counts.dropped(DropKind::TapDown);
                 warn_limited!(self.log, "tap {}: interface is down; frame dropped", self.ifname);
                 BackendError::Dropped("tap interface is down")
             }
             Some(libc::EINVAL) => {
-                self.count_drop(DropKind::TxRejected);
+                self.counts.dropped(DropKind::TxRejected);
                 warn_limited!(
                     self.log,
                     "tap {}: kernel rejected a frame (bad offload header?)",
@@ -317,7 +305,7 @@ impl Tap {
                 BackendError::Dropped("tap rejected the frame")
             }
             _ => {
-                self.count_drop(DropKind::TxError);
+                self.counts.dropped(DropKind::TxError);
                 warn_limited!(self.log, "tap {}: write failed: {err}", self.ifname);
                 BackendError::Dropped("tap write failed")
             }
@@ -637,15 +625,15 @@ impl Backend for Tap {
 
     fn send(&mut self, hdr: &VnetHdr, frame: &[u8]) -> Result<(), BackendError> {
         if self.gone {
-            self.count_drop(DropKind::TapGone);
+            self.counts.dropped(DropKind::TapGone);
             return Err(BackendError::Dropped("tap is gone"));
         }
         if frame.len() > MAX_FRAME_LEN {
-            self.count_drop(DropKind::TxTooLarge);
+            self.counts.dropped(DropKind::TxTooLarge);
             return Err(BackendError::Dropped("frame larger than MAX_FRAME_LEN"));
         }
         if !self.vnet_hdr && !hdr.is_plain() {
-            self.count_drop(DropKind::TxOffloadWithoutVnetHdr);
+            self.counts.dropped(DropKind::TxOffloadWithoutVnetHdr);
             return Err(BackendError::Dropped("offloaded frame on a tap without vnet_hdr"));
         }
         let raw = self.fd.as_raw_fd();
@@ -664,8 +652,7 @@ impl Backend for Tap {
         match result {
             Ok(_) => {
                 // A tap takes a frame whole or not at all.
-                self.tx_frames += 1;
-                self.tx_bytes += frame.len() as u64;
+                self.counts.sent(frame.len());
                 Ok(())
             }
             Err(e) => Err(self.send_error(e)),
@@ -691,24 +678,23 @@ impl Backend for Tap {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::EBADFD) => return Err(self.mark_gone(e)),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                self.count_drop(DropKind::RxRunt);
+                self.counts.dropped(DropKind::RxRunt);
                 return Err(BackendError::Dropped("tap frame shorter than its header"));
             }
             Err(e) => {
-                self.count_drop(DropKind::RxError);
+                self.counts.dropped(DropKind::RxError);
                 warn_limited!(self.log, "tap {}: read failed: {e}", self.ifname);
                 return Err(BackendError::Dropped("tap read failed"));
             }
         };
         if into_scratch {
             let Some(dst) = buf.get_mut(..len) else {
-                self.count_drop(DropKind::RxTooLargeForBuffer);
+                self.counts.dropped(DropKind::RxTooLargeForBuffer);
                 return Err(BackendError::Dropped("frame larger than receive buffer"));
             };
             dst.copy_from_slice(self.scratch.get(..len).unwrap_or(&[]));
         }
-        self.rx_frames += 1;
-        self.rx_bytes += len as u64;
+        self.counts.received(len);
         Ok(Some((hdr, len)))
     }
 
@@ -717,14 +703,7 @@ impl Backend for Tap {
     }
 
     fn counters(&self) -> BackendCounters {
-        BackendCounters {
-            tx_frames: self.tx_frames,
-            tx_bytes: self.tx_bytes,
-            rx_frames: self.rx_frames,
-            rx_bytes: self.rx_bytes,
-            drops: self.drops.report(),
-            gauges: vec![("tap_gone", u64::from(self.gone))],
-        }
+        self.counts.report(vec![("tap_gone", u64::from(self.gone))])
     }
 }
 
