@@ -36,18 +36,7 @@ pub const TSO4_HDR: VnetHdr = VnetHdr {
 
 /// A broadcast "who has `target`" from `from`.
 pub fn arp_request(from: Sender, target: Ipv4Addr) -> Vec<u8> {
-    let mut b = vec![0u8; ETH_HDR_LEN + ARP_LEN];
-    let n = write_arp(
-        &mut b,
-        MacAddr::BROADCAST,
-        ARP_REQUEST,
-        from.mac,
-        from.ip,
-        MacAddr([0; 6]),
-        target,
-    );
-    b.truncate(n);
-    b
+    arp_request_frame(from.mac, from.ip, target)
 }
 
 /// A UDP datagram to the gateway's MAC whose Ethernet source is `eth_src`.

@@ -236,6 +236,13 @@ pub fn write_arp(
     len
 }
 
+/// A broadcast ARP request: who has `tpa`? Tell `spa` at `sha`.
+pub fn arp_request_frame(sha: MacAddr, spa: Ipv4Addr, tpa: Ipv4Addr) -> Vec<u8> {
+    let mut buf = vec![0u8; ETH_HDR_LEN + ARP_LEN];
+    write_arp(&mut buf, MacAddr::BROADCAST, ARP_REQUEST, sha, spa, MacAddr([0; 6]), tpa);
+    buf
+}
+
 // ---------------------------------------------------------------------------------------
 // IPv4
 
