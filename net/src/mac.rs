@@ -13,7 +13,9 @@ pub struct MacAddr(pub [u8; 6]);
 pub enum MacError {
     #[error("'{0}' is not a MAC address (expected six hex octets like 52:54:00:ab:cd:ef)")]
     Syntax(String),
-    #[error("{0} is a multicast address; a NIC needs a unicast MAC (clear bit 0 of the first octet)")]
+    #[error(
+        "{0} is a multicast address; a NIC needs a unicast MAC (clear bit 0 of the first octet)"
+    )]
     Multicast(MacAddr),
     #[error("{0} is the all-zero address")]
     Zero(MacAddr),
@@ -118,7 +120,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_syntax() {
-        for bad in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:0f:11", "5:54:00:ab:cd:0f", "zz:54:00:ab:cd:0f"] {
+        for bad in
+            ["", "52:54:00:ab:cd", "52:54:00:ab:cd:0f:11", "5:54:00:ab:cd:0f", "zz:54:00:ab:cd:0f"]
+        {
             assert!(matches!(bad.parse::<MacAddr>(), Err(MacError::Syntax(_))), "{bad}");
         }
     }

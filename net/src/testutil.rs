@@ -152,6 +152,16 @@ pub fn pump_until(
     }
 }
 
+/// The drop counter `name` of `backend` (0 if it has none by that name).
+pub fn drop_count(backend: &dyn Backend, name: &str) -> u64 {
+    backend.counters().drops.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
+}
+
+/// The gauge `name` of `backend` (0 if it has none by that name).
+pub fn gauge(backend: &dyn Backend, name: &str) -> u64 {
+    backend.counters().gauges.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
+}
+
 /// An Ethernet frame: dst, src, ethertype, payload.
 pub fn eth_frame(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(14 + payload.len());

@@ -2,7 +2,7 @@
 # User-mode NAT benchmark: tapir's NAT engine vs slirp4netns and pasta, in one run.
 #
 # Each engine is attached to a fresh network namespace (tapir through the
-# tapir-nat-bench harness, which opens a vnet-hdr tap inside it). From inside the
+# tapir-nat-bench harness, which opens tapir's own tap backend inside it). From inside the
 # namespace, iperf3 measures TCP throughput to an iperf3 server on the host's 127.0.0.1
 # (reached through the namespace's gateway address, which every engine maps to host
 # loopback) in both directions at MTU 1500 and 65520, and sockperf measures TCP

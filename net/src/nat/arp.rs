@@ -7,7 +7,6 @@ use super::counters::{DropReason, Proto};
 use super::engine::Engine;
 use super::wire::*;
 use crate::backend::VnetHdr;
-use crate::mac::MacAddr;
 
 impl Engine {
     pub fn handle_arp(&mut self, eth: &EthFrame) {
@@ -45,17 +44,7 @@ impl Engine {
 
     /// Asks who has `ip` on behalf of the gateway.
     pub fn send_arp_request(&mut self, ip: Ipv4Addr) {
-        let mut buf = vec![0u8; ETH_HDR_LEN + ARP_LEN];
-        let n = write_arp(
-            &mut buf,
-            MacAddr::BROADCAST,
-            ARP_REQUEST,
-            self.gw_mac,
-            self.p.host,
-            MacAddr([0; 6]),
-            ip,
-        );
-        buf.truncate(n);
+        let buf = arp_request_frame(self.gw_mac, self.p.host, ip);
         self.emit(Proto::Arp, VnetHdr::default(), buf);
     }
 }

@@ -1,56 +1,46 @@
 //! Per-NIC NAT counters: frames in/out per protocol, drops by reason, flows open.
 
 use crate::backend::BackendCounters;
+use crate::counters::{drop_reasons, DropCounts};
 
-macro_rules! reasons {
-    ($($variant:ident => $name:literal,)*) => {
-        /// Why a frame (or a flow) was dropped.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum DropReason { $($variant,)* }
-        impl DropReason {
-            pub const ALL: &'static [DropReason] = &[$(DropReason::$variant,)*];
-            pub fn name(self) -> &'static str {
-                match self { $(DropReason::$variant => $name,)* }
-            }
-        }
-    };
-}
-
-reasons! {
-    EthTruncated => "eth_truncated",
-    Oversized => "oversized",
-    NotForUs => "eth_not_for_us",
-    EthertypeUnsupported => "ethertype_unsupported",
-    ArpMalformed => "arp_malformed",
-    ArpNotForUs => "arp_not_for_us",
-    Ipv4Malformed => "ipv4_malformed",
-    Ipv4BadChecksum => "ipv4_bad_checksum",
-    IpFragment => "ip_fragment",
-    IpProtoUnsupported => "ip_proto_unsupported",
-    BadSource => "bad_source",
-    MartianDestination => "martian_destination",
-    NoRoute => "no_route",
-    Restricted => "restricted",
-    HostLoopbackDisabled => "host_loopback_disabled",
-    L4Malformed => "l4_malformed",
-    L4BadChecksum => "l4_bad_checksum",
-    GsoUnsupported => "gso_unsupported",
-    DhcpMalformed => "dhcp_malformed",
-    DhcpIgnored => "dhcp_ignored",
-    NoDnsUpstream => "no_dns_upstream",
-    FlowLimit => "flow_limit",
-    HalfOpenLimit => "half_open_limit",
-    NoFd => "no_fd",
-    SocketError => "socket_error",
-    IcmpUnavailable => "icmp_unavailable",
-    IcmpUnsupported => "icmp_unsupported",
-    TcpNoFlow => "tcp_no_flow",
-    TcpOutOfWindow => "tcp_out_of_window",
-    TcpConnectFailed => "tcp_connect_failed",
-    UdpSendFailed => "udp_send_failed",
-    RxQueueFull => "rx_queue_full",
-    RxBufferTooSmall => "rx_buffer_too_small",
-    HostFwdCollision => "hostfwd_collision",
+drop_reasons! {
+    /// Why a frame (or a flow) was dropped.
+    pub enum DropReason {
+        EthTruncated => "eth_truncated",
+        Oversized => "oversized",
+        NotForUs => "eth_not_for_us",
+        EthertypeUnsupported => "ethertype_unsupported",
+        ArpMalformed => "arp_malformed",
+        ArpNotForUs => "arp_not_for_us",
+        Ipv4Malformed => "ipv4_malformed",
+        Ipv4BadChecksum => "ipv4_bad_checksum",
+        IpFragment => "ip_fragment",
+        IpProtoUnsupported => "ip_proto_unsupported",
+        BadSource => "bad_source",
+        MartianDestination => "martian_destination",
+        NoRoute => "no_route",
+        Restricted => "restricted",
+        HostLoopbackDisabled => "host_loopback_disabled",
+        L4Malformed => "l4_malformed",
+        L4BadChecksum => "l4_bad_checksum",
+        GsoUnsupported => "gso_unsupported",
+        DhcpMalformed => "dhcp_malformed",
+        DhcpIgnored => "dhcp_ignored",
+        NoDnsUpstream => "no_dns_upstream",
+        FlowLimit => "flow_limit",
+        HalfOpenLimit => "half_open_limit",
+        NoFd => "no_fd",
+        SocketError => "socket_error",
+        IcmpUnavailable => "icmp_unavailable",
+        IcmpUnsupported => "icmp_unsupported",
+        TcpNoFlow => "tcp_no_flow",
+        TcpOutOfWindow => "tcp_out_of_window",
+        TcpConnectFailed => "tcp_connect_failed",
+        UdpSendFailed => "udp_send_failed",
+        RxQueueFull => "rx_queue_full",
+        RxBufferTooSmall => "rx_buffer_too_small",
+        HostFwdCollision => "hostfwd_collision",
+    }
 }
 
 /// Protocols counted separately, in and out.
@@ -83,9 +73,11 @@ pub struct NatCounters {
     pub bytes_to_guest: u64,
     proto_in: [u64; 7],
     proto_out: [u64; 7],
-    drops: Vec<u64>,
+    drops: DropCounts<DropReason>,
     pub tcp_urgent_seen: u64,
     pub ip_options_seen: u64,
+    /// Packets from sources behind a routing guest (outside the virtual network).
+    pub routed_from_guest: u64,
     pub tcp_retransmits: u64,
     pub tcp_flows_total: u64,
 }
@@ -103,16 +95,14 @@ pub struct FlowGauges {
 
 impl NatCounters {
     pub fn new() -> Self {
-        NatCounters { drops: vec![0; DropReason::ALL.len()], ..Default::default() }
+        NatCounters::default()
     }
     pub fn drop(&mut self, reason: DropReason) {
-        if let Some(c) = self.drops.get_mut(reason as usize) {
-            *c += 1;
-        }
+        self.drops.count(reason);
         log::debug!("user net: dropped ({})", reason.name());
     }
     pub fn dropped(&self, reason: DropReason) -> u64 {
-        self.drops.get(reason as usize).copied().unwrap_or(0)
+        self.drops.get(reason)
     }
     pub fn count_in(&mut self, p: Proto) {
         self.proto_in[p as usize] += 1;
@@ -146,13 +136,14 @@ impl NatCounters {
             ("tcp_retransmits", self.tcp_retransmits),
             ("tcp_urgent_seen", self.tcp_urgent_seen),
             ("ip_options_seen", self.ip_options_seen),
+            ("routed_in", self.routed_from_guest),
         ]);
         BackendCounters {
             tx_frames: self.frames_from_guest,
             tx_bytes: self.bytes_from_guest,
             rx_frames: self.frames_to_guest,
             rx_bytes: self.bytes_to_guest,
-            drops: DropReason::ALL.iter().map(|r| (r.name(), self.dropped(*r))).collect(),
+            drops: self.drops.report(),
             gauges,
         }
     }

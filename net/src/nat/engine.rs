@@ -11,12 +11,12 @@ use super::dhcp::DhcpServer;
 use super::hostfwd::Forwarders;
 use super::icmp::IcmpTable;
 use super::slab::Handle;
-use super::sys::{Epoll, EventFd, TimerFd};
 use super::tcp::TcpTable;
 use super::udp::UdpTable;
 use super::wire::*;
 use crate::backend::{Offloads, VnetHdr, MAX_FRAME_LEN};
 use crate::mac::MacAddr;
+use crate::sys::{Epoll, EventFd, TimerFd};
 
 pub const TOKEN_KICK: u8 = 1;
 pub const TOKEN_TIMER: u8 = 2;
@@ -33,6 +33,22 @@ const OUT_QUEUE_CAP: usize = 4096;
 const TICK: Duration = Duration::from_millis(250);
 /// Host events are looked at after at most this many data frames in a row.
 const FRAMES_PER_POLL: u32 = 64;
+
+/// The kind of sender a guest packet's source address names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The guest on the virtual network itself.
+    Attached,
+    /// A host on a network the guest routes for.
+    Routed,
+}
+
+/// Addresses no host may use as its own: "this network" (0/8), loopback, link-local,
+/// multicast, and class E with the limited broadcast.
+pub fn is_martian(ip: Ipv4Addr) -> bool {
+    let first = ip.octets()[0];
+    first == 0 || ip.is_loopback() || ip.is_link_local() || ip.is_multicast() || first >= 240
+}
 
 pub struct OutFrame {
     pub hdr: VnetHdr,
@@ -159,9 +175,21 @@ impl Engine {
         self.kick();
     }
 
-    /// Checksum treatment for frames that are not GSO.
-    pub fn rx_csum_offload(&self) -> bool {
-        self.rx_offloads.csum
+    /// How a non-GSO frame to the guest gets its L4 checksum (at `csum_offset` into the
+    /// L4 header). With checksum offload, frames carry only the pseudo-header sum and
+    /// NEEDS_CSUM: a virtio guest accepts that on receive, and a tap (which reads our
+    /// frames as a guest's transmit) honours nothing else, DATA_VALID included.
+    pub fn l4_csum_mode(&self, csum_offset: u16) -> (CsumMode, VnetHdr) {
+        if !self.rx_offloads.csum {
+            return (CsumMode::Full, VnetHdr::default());
+        }
+        let hdr = VnetHdr {
+            flags: VnetHdr::FLAG_NEEDS_CSUM,
+            csum_start: (ETH_HDR_LEN + IPV4_HDR_LEN) as u16,
+            csum_offset,
+            ..Default::default()
+        };
+        (CsumMode::Partial, hdr)
     }
 
     pub fn ensure_timer(&mut self) {
@@ -241,11 +269,16 @@ impl Engine {
             }
         }
         let src = ip.src();
-        if !self.is_guest_addr(src) {
-            return self.counters.drop(DropReason::BadSource);
+        match self.classify_source(src) {
+            Ok(Source::Attached) => {
+                self.guest_mac = Some(eth.src());
+                self.guest_ip = Some(src);
+            }
+            // A host behind a guest that routes: its flows remember its address and the
+            // router's MAC, and the attached guest's identity stays as it was.
+            Ok(Source::Routed) => self.counters.routed_from_guest += 1,
+            Err(reason) => return self.counters.drop(reason),
         }
-        self.guest_mac = Some(eth.src());
-        self.guest_ip = Some(src);
         let l4 = ip.payload();
         let csum_bad = |proto_num: u8| !trusted && !l4_checksum_ok(src, ip.dst(), proto_num, l4);
         match proto {
@@ -283,13 +316,30 @@ impl Engine {
         }
     }
 
-    /// A source address the guest may legitimately use.
+    /// An address a guest on the virtual network may use as its own.
     pub fn is_guest_addr(&self, ip: Ipv4Addr) -> bool {
         self.p.contains(ip)
             && ip != self.p.net
             && ip != self.p.broadcast()
             && ip != self.p.host
             && ip != self.p.dns
+    }
+
+    /// Where a packet with source `src` comes from, or why it may not come in. Sources
+    /// outside the virtual network are accepted (as QEMU's slirp does) when they are
+    /// ordinary unicast addresses: a guest that forwards for a LAN behind it cannot
+    /// masquerade, so its clients' addresses reach us as they are.
+    pub fn classify_source(&self, src: Ipv4Addr) -> Result<Source, DropReason> {
+        if self.is_guest_addr(src) {
+            return Ok(Source::Attached);
+        }
+        if self.p.contains(src) || is_martian(src) {
+            return Err(DropReason::BadSource);
+        }
+        if self.p.restrict {
+            return Err(DropReason::Restricted);
+        }
+        Ok(Source::Routed)
     }
 
     /// Maps a guest destination to a host socket address, or says why it may not go.
@@ -321,8 +371,7 @@ impl Engine {
         if self.p.contains(dst) {
             return Err(DropReason::NoRoute);
         }
-        let o = dst.octets();
-        if o[0] == 0 || o[0] == 127 || dst.is_multicast() || o[0] >= 240 || dst.is_link_local() {
+        if is_martian(dst) {
             return Err(DropReason::MartianDestination);
         }
         if self.p.restrict {

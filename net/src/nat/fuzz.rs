@@ -8,6 +8,7 @@
 
 use std::net::Ipv4Addr;
 
+use super::frames::*;
 use super::wire::*;
 use crate::backend::VnetHdr;
 use crate::mac::MacAddr;
@@ -38,68 +39,22 @@ impl Rng {
     }
 }
 
-const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
-const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
-const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
-
 const INTERESTING_16: [u16; 12] = [0, 1, 7, 8, 19, 20, 21, 0x7f, 0x80, 0xff, 0x7fff, 0xffff];
 
 /// Valid frames of every kind the engine handles; `ports` are host services to aim at.
 pub fn seeds(gw_mac: MacAddr, ports: &[u16]) -> Vec<(VnetHdr, Vec<u8>)> {
-    let mut out = Vec::new();
     let plain = VnetHdr::default();
-    let mut b = vec![0u8; 42];
-    write_arp(&mut b, MacAddr::BROADCAST, ARP_REQUEST, GUEST_MAC, GUEST_IP, MacAddr([0; 6]), GW);
-    out.push((plain, b));
+    let mut out = vec![(plain, arp_request(GUEST, GW))];
     // DHCP DISCOVER and REQUEST.
     for (ty, extra) in
         [(1u8, vec![]), (3u8, vec![50, 4, 10, 0, 2, 15, 54, 4, 10, 0, 2, 2, 12, 2, b'h', b'i'])]
     {
-        let mut m = vec![0u8; 236];
-        m[0] = 1;
-        m[1] = 1;
-        m[2] = 6;
-        m[28..34].copy_from_slice(&GUEST_MAC.0);
-        m.extend_from_slice(&[99, 130, 83, 99, 53, 1, ty]);
-        m.extend_from_slice(&extra);
-        m.push(255);
-        let mut f = vec![0u8; 42 + m.len()];
-        f[42..].copy_from_slice(&m);
-        let n = write_udp_frame(
-            &mut f,
-            MacAddr::BROADCAST,
-            GUEST_MAC,
-            (Ipv4Addr::UNSPECIFIED, 68),
-            (Ipv4Addr::BROADCAST, 67),
-            m.len(),
-            CsumMode::Full,
-        );
-        f.truncate(n);
-        out.push((plain, f));
+        out.push((plain, dhcp_frame(&dhcp_msg(ty, &extra, true))));
     }
-    let udp = |dst: (Ipv4Addr, u16), payload: &[u8]| {
-        let mut f = vec![0u8; 42 + payload.len()];
-        f[42..].copy_from_slice(payload);
-        let n = write_udp_frame(
-            &mut f,
-            gw_mac,
-            GUEST_MAC,
-            (GUEST_IP, 40000),
-            dst,
-            payload.len(),
-            CsumMode::Full,
-        );
-        f.truncate(n);
-        f
-    };
-    out.push((
-        plain,
-        udp(
-            (DNS, 53),
-            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x01\x00\x01",
-        ),
-    ));
+    let udp =
+        |dst, payload: &[u8]| udp_frame_via(GUEST_MAC, gw_mac, (GUEST_IP, 40000), dst, payload);
+    let dns_query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x01\x00\x01";
+    out.push((plain, udp((DNS, 53), dns_query)));
     out.push((plain, udp((GW, 69), b"\x00\x01file\x00octet\x00")));
     let tcp = |dport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8], opts: bool| {
         let th = TcpHeader {
@@ -112,12 +67,7 @@ pub fn seeds(gw_mac: MacAddr, ports: &[u16]) -> Vec<(VnetHdr, Vec<u8>)> {
             mss: opts.then_some(1460),
             window_scale: opts.then_some(7),
         };
-        let hl = 34 + th.header_len();
-        let mut f = vec![0u8; hl + payload.len()];
-        f[hl..].copy_from_slice(payload);
-        let n = write_tcp_frame(&mut f, gw_mac, GUEST_MAC, &th, payload.len(), CsumMode::Full);
-        f.truncate(n);
-        f
+        tcp_frame_with(GUEST_MAC, gw_mac, &th, payload)
     };
     for &p in ports {
         out.push((plain, udp((GW, p), b"datagram")));
@@ -126,45 +76,10 @@ pub fn seeds(gw_mac: MacAddr, ports: &[u16]) -> Vec<(VnetHdr, Vec<u8>)> {
         out.push((plain, tcp(p, 1001, 1, TCP_ACK | TCP_PSH, b"GET / HTTP/1.0\r\n\r\n", false)));
         out.push((plain, tcp(p, 1001, 1, TCP_ACK | TCP_FIN, &[], false)));
         out.push((plain, tcp(p, 1001, 1, TCP_ACK | TCP_URG, b"urgent", false)));
-        let gso = VnetHdr {
-            flags: VnetHdr::FLAG_NEEDS_CSUM,
-            gso_type: VnetHdr::GSO_TCPV4,
-            hdr_len: 54,
-            gso_size: 1448,
-            csum_start: 34,
-            csum_offset: 16,
-            num_buffers: 0,
-        };
-        out.push((gso, tcp(p, 1001, 1, TCP_ACK, &[0x42; 4000], false)));
+        out.push((TSO4_HDR, tcp(p, 1001, 1, TCP_ACK, &[0x42; 4000], false)));
     }
-    let mut f = vec![0u8; 42 + 16];
-    let n = write_icmp_frame(
-        &mut f,
-        gw_mac,
-        GUEST_MAC,
-        GUEST_IP,
-        GW,
-        ICMP_ECHO_REQUEST,
-        0,
-        [0, 1, 0, 1],
-        &[7; 16],
-    );
-    f.truncate(n);
-    out.push((plain, f));
-    let mut f = vec![0u8; 42 + 16];
-    let n = write_icmp_frame(
-        &mut f,
-        gw_mac,
-        GUEST_MAC,
-        GUEST_IP,
-        Ipv4Addr::new(10, 9, 9, 9),
-        ICMP_ECHO_REQUEST,
-        0,
-        [0, 2, 0, 1],
-        &[7; 16],
-    );
-    f.truncate(n);
-    out.push((plain, f));
+    out.push((plain, icmp_echo(GUEST, gw_mac, GW, 1, 1, &[7; 16])));
+    out.push((plain, icmp_echo(GUEST, gw_mac, Ipv4Addr::new(10, 9, 9, 9), 2, 1, &[7; 16])));
     out
 }
 

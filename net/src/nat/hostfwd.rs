@@ -13,8 +13,8 @@ use thiserror::Error;
 use super::config::{FwdProto, HostFwd};
 use super::counters::{DropReason, Proto};
 use super::engine::{Engine, TOKEN_FWD_TCP, TOKEN_FWD_UDP};
-use super::sys::{self, Epoll};
 use crate::mac::MacAddr;
+use crate::sys::{self, Epoll};
 
 #[derive(Debug, Error)]
 pub enum HostFwdError {
@@ -40,8 +40,10 @@ struct UdpPeer {
 #[derive(Default)]
 pub struct Forwarders {
     pub listeners: Vec<Listener>,
-    /// (guest port, virtual source port at the host address) → host peer
-    udp_peers: HashMap<(u16, u16), UdpPeer>,
+    /// (guest address, guest port, virtual source port at the host address) → host peer.
+    /// The guest address is part of the key so that nobody else on the guest's side (a
+    /// host behind a routing guest, say) can answer in the guest's name.
+    udp_peers: HashMap<(Ipv4Addr, u16, u16), UdpPeer>,
 }
 
 impl Forwarders {
@@ -136,7 +138,7 @@ impl Engine {
                         continue;
                     }
                     self.fwd.udp_peers.insert(
-                        (guest.1, peer.port()),
+                        (guest.0, guest.1, peer.port()),
                         UdpPeer { listener: idx, peer, last_use: self.now },
                     );
                     let mac = self.guest_mac.unwrap_or(MacAddr::BROADCAST);
@@ -152,7 +154,7 @@ impl Engine {
     /// A guest datagram to the host address that answers a forwarded peer. Returns true
     /// when it was one (and was sent).
     pub fn fwd_udp_reply(&mut self, key: (Ipv4Addr, u16, Ipv4Addr, u16), payload: &[u8]) -> bool {
-        let Some(p) = self.fwd.udp_peers.get_mut(&(key.1, key.3)) else { return false };
+        let Some(p) = self.fwd.udp_peers.get_mut(&(key.0, key.1, key.3)) else { return false };
         p.last_use = self.now;
         let (idx, peer) = (p.listener, p.peer);
         let Some(l) = self.fwd.listeners.get(idx) else { return false };

@@ -12,10 +12,10 @@ use std::time::Instant;
 use super::counters::{DropReason, Proto};
 use super::engine::{Engine, TOKEN_ICMP, TOKEN_ICMP_RAW};
 use super::slab::{Handle, Slab};
-use super::sys;
 use super::wire::*;
 use crate::backend::VnetHdr;
 use crate::mac::MacAddr;
+use crate::sys;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IcmpMode {
@@ -102,6 +102,10 @@ type IcmpKey = (Ipv4Addr, u16, Ipv4Addr);
 
 struct IcmpFlow {
     key: IcmpKey,
+    /// The echo id on the wire. Through the shared raw socket every flow gets one of its
+    /// own, so that senders using the same id (the guest and hosts it routes for) each
+    /// get their own replies. A ping socket has the kernel pick it instead.
+    wire_id: u16,
     sock: Option<EchoSocket>,
     guest_mac: MacAddr,
     last_use: Instant,
@@ -112,11 +116,21 @@ pub struct IcmpTable {
     raw: Option<EchoSocket>,
     flows: Slab<IcmpFlow>,
     by_key: HashMap<IcmpKey, Handle>,
+    /// Raw-socket flows by (wire id, destination), which is what a reply carries.
+    by_wire: HashMap<(u16, Ipv4Addr), Handle>,
+    next_wire_id: u16,
 }
 
 impl IcmpTable {
     pub fn new() -> Self {
-        IcmpTable { mode: None, raw: None, flows: Slab::default(), by_key: HashMap::new() }
+        IcmpTable {
+            mode: None,
+            raw: None,
+            flows: Slab::default(),
+            by_key: HashMap::new(),
+            by_wire: HashMap::new(),
+            next_wire_id: 0,
+        }
     }
     pub fn len(&self) -> usize {
         self.flows.len()
@@ -124,6 +138,25 @@ impl IcmpTable {
     /// Forces a mode (tests: pretend neither socket kind is allowed).
     pub fn set_mode(&mut self, mode: IcmpMode) {
         self.mode = Some(mode);
+    }
+    /// An echo id no raw-socket flow to `dst` uses (the flow limit keeps some free).
+    fn free_wire_id(&mut self, dst: Ipv4Addr) -> Option<u16> {
+        for _ in 0..=u16::MAX {
+            let id = self.next_wire_id;
+            self.next_wire_id = id.wrapping_add(1);
+            if !self.by_wire.contains_key(&(id, dst)) {
+                return Some(id);
+            }
+        }
+        None
+    }
+    fn remove(&mut self, h: Handle) -> Option<IcmpFlow> {
+        let f = self.flows.remove(h)?;
+        self.by_key.remove(&f.key);
+        if f.sock.is_none() {
+            self.by_wire.remove(&(f.wire_id, f.key.2));
+        }
+        Some(f)
     }
 }
 
@@ -169,7 +202,7 @@ impl Engine {
         flow.last_use = self.now;
         flow.guest_mac = guest_mac;
         let sock = flow.sock.as_ref().or(self.icmp.raw.as_ref());
-        let sent = sock.map(|s| s.send_echo(dst, icmp.ident(), icmp.seq_no(), icmp.data()));
+        let sent = sock.map(|s| s.send_echo(dst, flow.wire_id, icmp.seq_no(), icmp.data()));
         if !matches!(sent, Some(Ok(()))) {
             self.counters.drop(DropReason::SocketError);
         }
@@ -206,11 +239,21 @@ impl Engine {
             }
         };
         let fd = sock.as_ref().map(|s| s.raw_fd());
-        let h = self.icmp.flows.insert(IcmpFlow { key, sock, guest_mac, last_use: self.now });
-        if let Some(fd) = fd {
-            if self.epoll.add(fd, libc::EPOLLIN as u32, h.token(TOKEN_ICMP)).is_err() {
-                self.icmp.flows.remove(h);
-                return Err(DropReason::SocketError);
+        let wire_id = match fd {
+            Some(_) => key.1,
+            None => self.icmp.free_wire_id(key.2).ok_or(DropReason::FlowLimit)?,
+        };
+        let flow = IcmpFlow { key, wire_id, sock, guest_mac, last_use: self.now };
+        let h = self.icmp.flows.insert(flow);
+        match fd {
+            Some(fd) => {
+                if self.epoll.add(fd, libc::EPOLLIN as u32, h.token(TOKEN_ICMP)).is_err() {
+                    self.icmp.flows.remove(h);
+                    return Err(DropReason::SocketError);
+                }
+            }
+            None => {
+                self.icmp.by_wire.insert((wire_id, key.2), h);
             }
         }
         self.icmp.by_key.insert(key, h);
@@ -230,12 +273,7 @@ impl Engine {
                 Ok(Some((from, id, seq, data))) => {
                     let flow_h = match h {
                         Some(h) => Some(h),
-                        None => self
-                            .icmp
-                            .by_key
-                            .iter()
-                            .find(|(k, _)| k.1 == id && k.2 == from)
-                            .map(|(_, h)| *h),
+                        None => self.icmp.by_wire.get(&(id, from)).copied(),
                     };
                     let Some(flow) = flow_h.and_then(|fh| self.icmp.flows.get_mut(fh)) else {
                         continue;
@@ -281,17 +319,16 @@ impl Engine {
                 .get(h)
                 .is_some_and(|f| self.now.duration_since(f.last_use) >= self.p.icmp_idle);
             if expired {
-                if let Some(f) = self.icmp.flows.remove(h) {
+                if let Some(f) = self.icmp.remove(h) {
                     if let Some(s) = &f.sock {
-                        self.epoll.delete(s.raw_fd());
+                        let _ = self.epoll.delete(s.raw_fd());
                     }
-                    self.icmp.by_key.remove(&f.key);
                 }
             }
         }
         if self.icmp.flows.is_empty() {
             if let Some(raw) = self.icmp.raw.take() {
-                self.epoll.delete(raw.raw_fd());
+                let _ = self.epoll.delete(raw.raw_fd());
             }
         }
     }

@@ -6,6 +6,13 @@
 //! polls readable, call `recv()` until it returns `Ok(None)`. `recv()` does all the
 //! engine's work (host sockets, timers) and hands out frames for the guest. `send()`
 //! takes guest frames and never blocks.
+//!
+//! Routed guests: like QEMU's slirp, the NAT accepts IPv4 sources outside the virtual
+//! network when they are ordinary unicast addresses, so a guest that forwards for a LAN
+//! behind it (ip_forward=1, without masquerading) gives that LAN outbound access. Each
+//! flow remembers its source address and the MAC its frames came from (the router
+//! guest's), and replies go there. DHCP, ARP and port forwards serve only the attached
+//! guest, and `restrict` drops routed sources outright.
 
 mod arp;
 pub mod config;
@@ -13,12 +20,12 @@ pub mod counters;
 mod dhcp;
 mod dns;
 mod engine;
+mod frames;
 #[doc(hidden)]
 pub mod fuzz;
 mod hostfwd;
 mod icmp;
 mod slab;
-mod sys;
 mod tcp;
 mod udp;
 pub mod wire;

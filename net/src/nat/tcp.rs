@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use super::counters::{DropReason, Proto};
 use super::engine::{Engine, TOKEN_TCP};
 use super::slab::{Handle, Slab};
-use super::sys;
 use super::wire::*;
 use crate::backend::VnetHdr;
 use crate::mac::MacAddr;
+use crate::sys;
 
 /// (guest ip, guest port, virtual remote ip, remote port)
 pub type TcpKey = (Ipv4Addr, u16, Ipv4Addr, u16);
@@ -99,6 +99,52 @@ pub struct TcpFlow {
 }
 
 impl TcpFlow {
+    /// A flow in `state` before either side's SYN options are known.
+    fn new(
+        key: TcpKey,
+        sock: OwnedFd,
+        state: TcpState,
+        guest_mac: MacAddr,
+        isn: u32,
+        mss: usize,
+        now: Instant,
+    ) -> TcpFlow {
+        TcpFlow {
+            key,
+            sock,
+            state,
+            guest_mac,
+            created: now,
+            last_active: now,
+            syn_quote: Vec::new(),
+            syn_retries: 0,
+            isn,
+            snd_una: isn.wrapping_add(1),
+            snd_nxt: isn.wrapping_add(1),
+            syn_acked: false,
+            fin_sent: false,
+            fin_acked: false,
+            host_readable: false,
+            host_rdhup: false,
+            guest_wnd: 0,
+            guest_ws: 0,
+            ws_ok: false,
+            mss,
+            dup_acks: 0,
+            last_progress: now,
+            rcv_nxt: 0,
+            pending: Vec::new(),
+            pending_off: 0,
+            guest_fin: false,
+            shut_wr: false,
+            ack_due: false,
+            ack_delayed: false,
+            last_wnd_sent: PENDING_CAP as u32,
+            in_ready: false,
+            in_ack_list: false,
+        }
+    }
+
     fn fd(&self) -> RawFd {
         self.sock.as_raw_fd()
     }
@@ -196,23 +242,6 @@ fn connect_error_is_unreachable(e: &io::Error) -> Option<u8> {
 }
 
 impl Engine {
-    /// With checksum offload, frames carry only the pseudo-header sum and NEEDS_CSUM: a
-    /// virtio guest accepts that on receive, and a tap (which reads our frames as a
-    /// guest's transmit) honours nothing else, DATA_VALID included.
-    fn tcp_csum_mode(&self) -> (CsumMode, VnetHdr) {
-        if self.rx_csum_offload() {
-            let hdr = VnetHdr {
-                flags: VnetHdr::FLAG_NEEDS_CSUM,
-                csum_start: (ETH_HDR_LEN + IPV4_HDR_LEN) as u16,
-                csum_offset: 16,
-                ..Default::default()
-            };
-            (CsumMode::Partial, hdr)
-        } else {
-            (CsumMode::Full, VnetHdr::default())
-        }
-    }
-
     /// Queues a header-only segment of flow `h`.
     fn tcp_emit_ctl(&mut self, h: Handle, seq: u32, flags: u8, syn_opts: bool) {
         let Some(f) = self.tcp.flows.get(h) else { return };
@@ -287,7 +316,7 @@ impl Engine {
         if matches!(f.state, TcpState::Connecting | TcpState::SynSent) {
             self.tcp.half_open = self.tcp.half_open.saturating_sub(1);
         }
-        self.epoll.delete(f.fd());
+        let _ = self.epoll.delete(f.fd());
         if rst_host {
             sys::set_linger_zero(f.fd());
         }
@@ -420,53 +449,37 @@ impl Engine {
         };
         let opts = seg.options();
         let isn = self.tcp.next_isn();
-        let now = self.now;
+        let mss = self.clamp_mss(opts.mss);
         let flow = TcpFlow {
-            key,
-            sock,
-            state: TcpState::Connecting,
-            guest_mac,
-            created: now,
-            last_active: now,
             syn_quote: ip.icmp_quote().to_vec(),
-            syn_retries: 0,
-            isn,
-            snd_una: isn.wrapping_add(1),
-            snd_nxt: isn.wrapping_add(1),
-            syn_acked: false,
-            fin_sent: false,
-            fin_acked: false,
-            host_readable: false,
-            host_rdhup: false,
             guest_wnd: seg.window() as u32,
             guest_ws: opts.window_scale.unwrap_or(0),
             ws_ok: opts.window_scale.is_some(),
-            mss: self.clamp_mss(opts.mss),
-            dup_acks: 0,
-            last_progress: now,
             rcv_nxt: seg.seq().wrapping_add(1),
-            pending: Vec::new(),
-            pending_off: 0,
-            guest_fin: false,
-            shut_wr: false,
-            ack_due: false,
-            ack_delayed: false,
-            last_wnd_sent: PENDING_CAP as u32,
-            in_ready: false,
-            in_ack_list: false,
+            ..TcpFlow::new(key, sock, TcpState::Connecting, guest_mac, isn, mss, self.now)
         };
+        let Some(h) = self.tcp_add_half_open(flow) else {
+            return self.tcp_rst_reply(guest_mac, ip, seg);
+        };
+        if done {
+            self.tcp_connected(h);
+        }
+    }
+
+    /// Registers a new flow that still awaits a SYN-ACK from either side. `None` (counted)
+    /// when epoll refuses its socket; the socket is then closed.
+    fn tcp_add_half_open(&mut self, flow: TcpFlow) -> Option<Handle> {
+        let (key, fd) = (flow.key, flow.fd());
         let h = self.tcp.flows.insert(flow);
         if self.epoll.add(fd, EPOLL_FLAGS, h.token(TOKEN_TCP)).is_err() {
             self.tcp.flows.remove(h);
             self.counters.drop(DropReason::SocketError);
-            return self.tcp_rst_reply(guest_mac, ip, seg);
+            return None;
         }
         self.tcp.by_key.insert(key, h);
         self.tcp.half_open += 1;
         self.counters.tcp_flows_total += 1;
-        if done {
-            self.tcp_connected(h);
-        }
+        Some(h)
     }
 
     fn clamp_mss(&self, mss: Option<u16>) -> usize {
@@ -778,7 +791,7 @@ impl Engine {
 
     fn tcp_produce(&mut self, h: Handle, buf: &mut [u8]) -> Option<(VnetHdr, usize)> {
         let tso = self.rx_offloads.tso4 && self.rx_offloads.csum;
-        let (csum, plain_hdr) = self.tcp_csum_mode();
+        let (csum, plain_hdr) = self.l4_csum_mode(TCP_CSUM_OFFSET);
         let gw_mac = self.gw_mac;
         let f = self.tcp.flows.get_mut(h)?;
         if !f.can_send() || !f.host_readable {
@@ -841,7 +854,7 @@ impl Engine {
                 hdr_len: HDRS as u16,
                 gso_size: f.mss as u16,
                 csum_start: (ETH_HDR_LEN + IPV4_HDR_LEN) as u16,
-                csum_offset: 16,
+                csum_offset: TCP_CSUM_OFFSET,
                 num_buffers: 0,
             };
             (CsumMode::Partial, hdr)
@@ -876,52 +889,12 @@ impl Engine {
             return;
         }
         let isn = self.tcp.next_isn();
-        let now = self.now;
         let mss = self.p.mtu as usize - 40;
-        let flow = TcpFlow {
-            key,
-            sock,
-            state: TcpState::SynSent,
-            guest_mac: self.guest_mac.unwrap_or(MacAddr::BROADCAST),
-            created: now,
-            last_active: now,
-            syn_quote: Vec::new(),
-            syn_retries: 0,
-            isn,
-            snd_una: isn.wrapping_add(1),
-            snd_nxt: isn.wrapping_add(1),
-            syn_acked: false,
-            fin_sent: false,
-            fin_acked: false,
-            host_readable: false,
-            host_rdhup: false,
-            guest_wnd: 0,
-            guest_ws: 0,
-            ws_ok: false,
-            mss,
-            dup_acks: 0,
-            last_progress: now,
-            rcv_nxt: 0,
-            pending: Vec::new(),
-            pending_off: 0,
-            guest_fin: false,
-            shut_wr: false,
-            ack_due: false,
-            ack_delayed: false,
-            last_wnd_sent: PENDING_CAP as u32,
-            in_ready: false,
-            in_ack_list: false,
-        };
-        let h = self.tcp.flows.insert(flow);
-        if self.epoll.add(fd, EPOLL_FLAGS, h.token(TOKEN_TCP)).is_err() {
-            self.tcp.flows.remove(h);
-            self.counters.drop(DropReason::SocketError);
-            return;
+        let guest_mac = self.guest_mac.unwrap_or(MacAddr::BROADCAST);
+        let flow = TcpFlow::new(key, sock, TcpState::SynSent, guest_mac, isn, mss, self.now);
+        if let Some(h) = self.tcp_add_half_open(flow) {
+            self.tcp_send_syn(h);
         }
-        self.tcp.by_key.insert(key, h);
-        self.tcp.half_open += 1;
-        self.counters.tcp_flows_total += 1;
-        self.tcp_send_syn(h);
     }
 
     fn tcp_send_syn(&mut self, h: Handle) {

@@ -6,15 +6,18 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use super::counters::DropReason;
+use super::frames::*;
 use super::wire::*;
 use super::{IcmpMode, UserNet, UserNetConfig};
 use crate::backend::{Backend, Offloads, VnetHdr, MAX_FRAME_LEN};
 use crate::mac::MacAddr;
 
-pub const GUEST_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
-pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
-pub const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+/// A guest that routes for a LAN behind it (ip_forward=1, no masquerading): its NIC on the
+/// NAT has this MAC, and the LAN host `ROUTED` sends through it.
+pub const ROUTER_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x40, 0x00, 0x01]);
+
+/// A host on the LAN behind `ROUTER_MAC`'s guest.
+pub const ROUTED: Sender = Sender { mac: ROUTER_MAC, ip: Ipv4Addr::new(10, 40, 0, 2) };
 const WAIT: Duration = Duration::from_secs(3);
 
 pub type Frame = (VnetHdr, Vec<u8>);
@@ -91,17 +94,7 @@ impl Guest {
     }
 
     pub fn arp_for(&mut self, ip: Ipv4Addr) {
-        let mut b = vec![0u8; 42];
-        write_arp(
-            &mut b,
-            MacAddr::BROADCAST,
-            ARP_REQUEST,
-            GUEST_MAC,
-            GUEST_IP,
-            MacAddr([0; 6]),
-            ip,
-        );
-        self.send(&b);
+        self.send(&arp_request(GUEST, ip));
     }
 }
 
@@ -111,15 +104,12 @@ pub fn udp_frame(
     dst: (Ipv4Addr, u16),
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut b = vec![0u8; 42 + payload.len()];
-    b[42..].copy_from_slice(payload);
-    let n = write_udp_frame(&mut b, gw_mac, GUEST_MAC, src, dst, payload.len(), CsumMode::Full);
-    b.truncate(n);
-    b
+    udp_frame_via(GUEST_MAC, gw_mac, src, dst, payload)
 }
 
 #[allow(clippy::too_many_arguments)]
 pub fn tcp_frame(
+    from: Sender,
     gw_mac: MacAddr,
     sport: u16,
     dst: (Ipv4Addr, u16),
@@ -130,7 +120,7 @@ pub fn tcp_frame(
     syn_opts: bool,
 ) -> Vec<u8> {
     let th = TcpHeader {
-        src: (GUEST_IP, sport),
+        src: (from.ip, sport),
         dst,
         seq,
         ack,
@@ -139,32 +129,11 @@ pub fn tcp_frame(
         mss: syn_opts.then_some(1460),
         window_scale: syn_opts.then_some(7),
     };
-    let hl = ETH_HDR_LEN + IPV4_HDR_LEN + th.header_len();
-    let mut b = vec![0u8; hl + payload.len()];
-    b[hl..].copy_from_slice(payload);
-    let n = write_tcp_frame(&mut b, gw_mac, GUEST_MAC, &th, payload.len(), CsumMode::Full);
-    b.truncate(n);
-    b
+    tcp_frame_with(from.mac, gw_mac, &th, payload)
 }
 
 pub fn icmp_echo_frame(gw_mac: MacAddr, dst: Ipv4Addr, id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
-    let mut b = vec![0u8; 42 + data.len()];
-    let mut rest = [0u8; 4];
-    rest[..2].copy_from_slice(&id.to_be_bytes());
-    rest[2..].copy_from_slice(&seq.to_be_bytes());
-    let n = write_icmp_frame(
-        &mut b,
-        gw_mac,
-        GUEST_MAC,
-        GUEST_IP,
-        dst,
-        ICMP_ECHO_REQUEST,
-        0,
-        rest,
-        data,
-    );
-    b.truncate(n);
-    b
+    icmp_echo(GUEST, gw_mac, dst, id, seq, data)
 }
 
 /// Parsed view of a frame from the NAT, checked for well-formedness on the way.
@@ -229,6 +198,7 @@ pub fn tcp_of(f: &Frame) -> Option<TcpView> {
 
 /// A guest-side TCP endpoint driven by hand.
 pub struct GuestTcp {
+    pub from: Sender,
     pub sport: u16,
     pub dst: (Ipv4Addr, u16),
     pub seq: u32,
@@ -238,43 +208,41 @@ pub struct GuestTcp {
 impl GuestTcp {
     /// SYN → SYN-ACK → ACK. Returns None if the NAT answered otherwise.
     pub fn connect(g: &mut Guest, sport: u16, dst: (Ipv4Addr, u16)) -> Option<GuestTcp> {
+        Self::connect_from(g, GUEST, sport, dst)
+    }
+
+    /// `connect` for a sender other than the guest.
+    pub fn connect_from(
+        g: &mut Guest,
+        from: Sender,
+        sport: u16,
+        dst: (Ipv4Addr, u16),
+    ) -> Option<GuestTcp> {
         let isn = 1000u32;
-        g.send(&tcp_frame(g.gw_mac, sport, dst, isn, 0, TCP_SYN, &[], true));
+        g.send(&tcp_frame(from, g.gw_mac, sport, dst, isn, 0, TCP_SYN, &[], true));
         let f = g.wait(|f| tcp_of(f).is_some_and(|t| t.2 == sport))?;
         let (_, _, _, seq, ack, flags, _, _) = tcp_of(&f)?;
         if flags != TCP_SYN | TCP_ACK || ack != isn + 1 {
             return None;
         }
-        let c = GuestTcp { sport, dst, seq: isn + 1, ack: seq.wrapping_add(1) };
-        g.send(&tcp_frame(g.gw_mac, sport, dst, c.seq, c.ack, TCP_ACK, &[], false));
+        let c = GuestTcp { from, sport, dst, seq: isn + 1, ack: seq.wrapping_add(1) };
+        g.send(&tcp_frame(from, g.gw_mac, sport, dst, c.seq, c.ack, TCP_ACK, &[], false));
         Some(c)
     }
 
+    /// A segment of this connection at its current sequence and acknowledgement numbers.
+    pub fn segment(&self, gw_mac: MacAddr, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let (from, sport, dst, seq, ack) = (self.from, self.sport, self.dst, self.seq, self.ack);
+        tcp_frame(from, gw_mac, sport, dst, seq, ack, flags, payload, false)
+    }
+
     pub fn send(&mut self, g: &mut Guest, data: &[u8]) {
-        g.send(&tcp_frame(
-            g.gw_mac,
-            self.sport,
-            self.dst,
-            self.seq,
-            self.ack,
-            TCP_ACK | TCP_PSH,
-            data,
-            false,
-        ));
+        g.send(&self.segment(g.gw_mac, TCP_ACK | TCP_PSH, data));
         self.seq = self.seq.wrapping_add(data.len() as u32);
     }
 
     pub fn fin(&mut self, g: &mut Guest) {
-        g.send(&tcp_frame(
-            g.gw_mac,
-            self.sport,
-            self.dst,
-            self.seq,
-            self.ack,
-            TCP_ACK | TCP_FIN,
-            &[],
-            false,
-        ));
+        g.send(&self.segment(g.gw_mac, TCP_ACK | TCP_FIN, &[]));
         self.seq = self.seq.wrapping_add(1);
     }
 
@@ -297,24 +265,59 @@ impl GuestTcp {
                         self.ack = self.ack.wrapping_add(1);
                     }
                 }
-                g.send(&tcp_frame(
-                    g.gw_mac,
-                    self.sport,
-                    self.dst,
-                    self.seq,
-                    self.ack,
-                    TCP_ACK,
-                    &[],
-                    false,
-                ));
+                g.send(&self.segment(g.gw_mac, TCP_ACK, &[]));
             }
         }
         (out, fin)
     }
 }
 
+/// A UDP socket on 127.0.0.1 and its port; reads wait up to `WAIT`.
+fn udp_server() -> (UdpSocket, u16) {
+    let (s, port) = udp_server_nonblocking();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    (s, port)
+}
+
+/// A UDP socket on 127.0.0.1 and its port; reads never wait.
+fn udp_server_nonblocking() -> (UdpSocket, u16) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_nonblocking(true).unwrap();
+    let port = s.local_addr().unwrap().port();
+    (s, port)
+}
+
+/// A TCP listener on 127.0.0.1 and its port.
+fn tcp_listener() -> (TcpListener, u16) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+/// A TCP listener on 127.0.0.1 and its port; accept never waits.
+/// A TCP server on 127.0.0.1 that accepts one connection and hands it to `serve` on a
+/// thread of its own (reads wait up to `WAIT`). Returns the thread and the port.
+fn tcp_server<R: Send + 'static>(
+    serve: impl FnOnce(TcpStream, std::net::SocketAddr) -> R + Send + 'static,
+) -> (std::thread::JoinHandle<R>, u16) {
+    let (listener, port) = tcp_listener();
+    let thread = std::thread::spawn(move || {
+        let (s, peer) = listener.accept().unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        serve(s, peer)
+    });
+    (thread, port)
+}
+
+fn tcp_listener_nonblocking() -> (TcpListener, u16) {
+    let (l, port) = tcp_listener();
+    l.set_nonblocking(true).unwrap();
+    (l, port)
+}
+
 fn gauge(g: &Guest, name: &str) -> u64 {
-    g.net.counters().gauges.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).unwrap_or(0)
+    crate::testutil::gauge(&g.net, name)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -344,35 +347,8 @@ fn arp_answers_gateway_and_dns_and_learns_guest() {
     assert_eq!(gauge(&g, "arp_out"), 2);
 }
 
-fn dhcp_msg(msg_type: u8, extra: &[u8], end: bool) -> Vec<u8> {
-    let mut m = vec![0u8; 236];
-    m[0] = 1;
-    m[1] = 1;
-    m[2] = 6;
-    m[4..8].copy_from_slice(&0xabcd_0001u32.to_be_bytes());
-    m[28..34].copy_from_slice(&GUEST_MAC.0);
-    m.extend_from_slice(&[99, 130, 83, 99, 53, 1, msg_type]);
-    m.extend_from_slice(extra);
-    if end {
-        m.push(255);
-    }
-    m
-}
-
 fn dhcp_send(g: &mut Guest, msg: &[u8]) {
-    let mut b = vec![0u8; 42 + msg.len()];
-    b[42..].copy_from_slice(msg);
-    let n = write_udp_frame(
-        &mut b,
-        MacAddr::BROADCAST,
-        GUEST_MAC,
-        (Ipv4Addr::UNSPECIFIED, 68),
-        (Ipv4Addr::BROADCAST, 67),
-        msg.len(),
-        CsumMode::Full,
-    );
-    b.truncate(n);
-    g.send(&b);
+    g.send(&dhcp_frame(msg));
 }
 
 /// (message type, yiaddr, options as (code, body))
@@ -475,9 +451,7 @@ fn ping_elsewhere_without_icmp_sockets_is_dropped_and_counted() {
 
 #[test]
 fn dns_relay_over_udp_to_a_local_responder() {
-    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-    server.set_read_timeout(Some(WAIT)).unwrap();
-    let port = server.local_addr().unwrap().port();
+    let (server, port) = udp_server();
     let responder = std::thread::spawn(move || {
         let mut b = [0u8; 512];
         let (n, from) = server.recv_from(&mut b).unwrap();
@@ -506,11 +480,7 @@ fn dns_relay_over_udp_to_a_local_responder() {
 
 #[test]
 fn dns_relay_over_tcp_to_a_local_responder() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let responder = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
+    let (responder, port) = tcp_server(move |mut s, _| {
         let mut len = [0u8; 2];
         s.read_exact(&mut len).unwrap();
         let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
@@ -539,12 +509,8 @@ fn dns_relay_over_tcp_to_a_local_responder() {
 
 #[test]
 fn tcp_exchange_with_a_host_loopback_server() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (mut s, peer) = listener.accept().unwrap();
+    let (server, port) = tcp_server(move |mut s, peer| {
         assert_eq!(peer.ip(), std::net::IpAddr::V4(Ipv4Addr::LOCALHOST));
-        s.set_read_timeout(Some(WAIT)).unwrap();
         let mut req = [0u8; 5];
         s.read_exact(&mut req).unwrap();
         assert_eq!(&req, b"hello");
@@ -583,7 +549,7 @@ fn tcp_to_a_closed_port_gets_rst() {
         l.local_addr().unwrap().port()
     };
     let mut g = Guest::new(&cfg());
-    g.send(&tcp_frame(g.gw_mac, 42001, (GW, port), 5, 0, TCP_SYN, &[], true));
+    g.send(&tcp_frame(GUEST, g.gw_mac, 42001, (GW, port), 5, 0, TCP_SYN, &[], true));
     let f = g.wait(|f| tcp_of(f).is_some()).expect("answer to SYN");
     let (_, _, _, _, ack, flags, _, _) = tcp_of(&f).unwrap();
     assert_eq!(flags & TCP_RST, TCP_RST);
@@ -595,7 +561,7 @@ fn tcp_to_a_closed_port_gets_rst() {
 #[test]
 fn tcp_segment_for_no_flow_gets_rst() {
     let mut g = Guest::new(&cfg());
-    g.send(&tcp_frame(g.gw_mac, 42002, (GW, 80), 5, 77, TCP_ACK, b"x", false));
+    g.send(&tcp_frame(GUEST, g.gw_mac, 42002, (GW, 80), 5, 77, TCP_ACK, b"x", false));
     let f = g.wait(|f| tcp_of(f).is_some()).expect("RST");
     let (_, _, _, seq, _, flags, _, _) = tcp_of(&f).unwrap();
     assert_eq!((flags, seq), (TCP_RST, 77));
@@ -603,9 +569,7 @@ fn tcp_segment_for_no_flow_gets_rst() {
 
 #[test]
 fn udp_exchange_with_a_host_loopback_server() {
-    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-    server.set_read_timeout(Some(WAIT)).unwrap();
-    let port = server.local_addr().unwrap().port();
+    let (server, port) = udp_server();
     let mut g = Guest::new(&cfg());
     g.udp(43000, (GW, port), b"ping over udp");
     let mut b = [0u8; 100];
@@ -644,9 +608,7 @@ fn udp_to_a_closed_port_gets_icmp_port_unreachable() {
 
 #[test]
 fn flow_limit_refuses_new_flows_but_keeps_old_ones() {
-    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-    server.set_read_timeout(Some(WAIT)).unwrap();
-    let port = server.local_addr().unwrap().port();
+    let (server, port) = udp_server();
     let mut g = Guest::new(&UserNetConfig { max_flows: 1, ..cfg() });
     g.udp(43010, (GW, port), b"one");
     g.udp(43011, (GW, port), b"two");
@@ -664,13 +626,9 @@ fn flow_limit_refuses_new_flows_but_keeps_old_ones() {
 
 #[test]
 fn tso_from_guest_and_to_guest() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let big: Vec<u8> = (0..60_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let expect = big.clone();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
+    let (server, port) = tcp_server(move |mut s, _| {
         let mut got = vec![0u8; expect.len()];
         s.read_exact(&mut got).unwrap();
         assert_eq!(got, expect);
@@ -688,19 +646,9 @@ fn tso_from_guest_and_to_guest() {
         .unwrap();
     let mut c = GuestTcp::connect(&mut g, 44000, (GW, port)).expect("handshake");
     // One GSO super-frame with a partial checksum (garbage in the checksum field).
-    let mut frame =
-        tcp_frame(g.gw_mac, c.sport, c.dst, c.seq, c.ack, TCP_ACK | TCP_PSH, &big, false);
+    let mut frame = c.segment(g.gw_mac, TCP_ACK | TCP_PSH, &big);
     frame[14 + 20 + 16] ^= 0xff;
-    let hdr = VnetHdr {
-        flags: VnetHdr::FLAG_NEEDS_CSUM,
-        gso_type: VnetHdr::GSO_TCPV4,
-        hdr_len: 54,
-        gso_size: 1448,
-        csum_start: 34,
-        csum_offset: 16,
-        num_buffers: 0,
-    };
-    g.send_hdr(hdr, &frame);
+    g.send_hdr(TSO4_HDR, &frame);
     c.seq = c.seq.wrapping_add(big.len() as u32);
     let (data, _) = c.read(&mut g, 300_000);
     assert_eq!(data.len(), 300_000);
@@ -716,10 +664,7 @@ fn tso_from_guest_and_to_guest() {
 
 #[test]
 fn guest_dup_acks_trigger_a_resend() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+    let (server, port) = tcp_server(move |mut s, _| {
         s.write_all(&[1u8; 3000]).unwrap();
         std::thread::sleep(Duration::from_millis(500));
     });
@@ -731,7 +676,7 @@ fn guest_dup_acks_trigger_a_resend() {
     g.drain(50);
     // Pretend the first segment was lost: three duplicate ACKs for its start.
     for _ in 0..3 {
-        g.send(&tcp_frame(g.gw_mac, c.sport, c.dst, c.seq, c.ack, TCP_ACK, &[], false));
+        g.send(&c.segment(g.gw_mac, TCP_ACK, &[]));
     }
     let again =
         g.wait(|f| tcp_of(f).is_some_and(|t| t.3 == seq0 && !t.7.is_empty())).expect("resent");
@@ -763,8 +708,19 @@ fn hostfwd_tcp_reaches_a_fake_guest_server() {
     let (p, sport, dport, isn, _, flags, _, _) = tcp_of(&syn).unwrap();
     assert_eq!((p.src, p.dst, dport, flags), (GW, GUEST_IP, 23, TCP_SYN));
     assert_eq!(p.eth_dst, GUEST_MAC);
-    let mut srv = GuestTcp { sport: 23, dst: (GW, sport), seq: 9000, ack: isn.wrapping_add(1) };
-    g.send(&tcp_frame(g.gw_mac, 23, (GW, sport), srv.seq, srv.ack, TCP_SYN | TCP_ACK, &[], true));
+    let mut srv =
+        GuestTcp { from: GUEST, sport: 23, dst: (GW, sport), seq: 9000, ack: isn.wrapping_add(1) };
+    g.send(&tcp_frame(
+        GUEST,
+        g.gw_mac,
+        23,
+        (GW, sport),
+        srv.seq,
+        srv.ack,
+        TCP_SYN | TCP_ACK,
+        &[],
+        true,
+    ));
     srv.seq += 1;
     let (data, _) = srv.read(&mut g, 7);
     assert_eq!(data, b"login: ");
@@ -788,6 +744,7 @@ fn hostfwd_tcp_guest_rst_resets_the_host_client() {
     let syn = g.wait(|f| tcp_of(f).is_some_and(|t| t.5 & TCP_SYN != 0)).expect("SYN");
     let (_, sport, _, isn, _, _, _, _) = tcp_of(&syn).unwrap();
     g.send(&tcp_frame(
+        GUEST,
         g.gw_mac,
         24,
         (GW, sport),
@@ -803,19 +760,25 @@ fn hostfwd_tcp_guest_rst_resets_the_host_client() {
     assert_eq!(gauge(&g, "tcp_flows_open"), 0);
 }
 
+/// A guest behind a UDP forward to its port 5353 (the first hostfwd rule), and a host
+/// client that has sent "q" through it: returns the client and the frame the guest got.
+fn datagram_through_udp_forward(g: &mut Guest, client_timeout: Duration) -> (UdpSocket, Parsed) {
+    g.arp_for(GW);
+    g.drain(10);
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(client_timeout)).unwrap();
+    client.send_to(b"q", g.net.hostfwd_addrs()[0]).unwrap();
+    let f =
+        g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_UDP)).expect("datagram to guest");
+    (client, parse(&f).unwrap())
+}
+
 #[test]
 fn hostfwd_udp_round_trip() {
     let c = UserNetConfig { hostfwd: vec!["udp:127.0.0.1:0-:5353".into()], ..cfg() };
     let mut g = Guest::new(&c);
-    g.arp_for(GW);
-    g.drain(10);
+    let (client, p) = datagram_through_udp_forward(&mut g, WAIT);
     let addr = g.net.hostfwd_addrs()[0];
-    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-    client.set_read_timeout(Some(WAIT)).unwrap();
-    client.send_to(b"q", addr).unwrap();
-    let f =
-        g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_UDP)).expect("datagram to guest");
-    let p = parse(&f).unwrap();
     let udp = UdpPacket::new(&p.l4).unwrap();
     assert_eq!((p.src, p.dst, udp.dst_port(), udp.payload()), (GW, GUEST_IP, 5353, &b"q"[..]));
     let peer_port = udp.src_port();
@@ -827,8 +790,7 @@ fn hostfwd_udp_round_trip() {
 
 #[test]
 fn hostfwd_port_in_use_is_a_startup_error_naming_the_rule() {
-    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = busy.local_addr().unwrap().port();
+    let (_busy, port) = tcp_listener();
     let rule = format!("tcp:127.0.0.1:{port}-:22");
     let err = UserNet::new(&UserNetConfig { hostfwd: vec![rule.clone()], ..cfg() })
         .err()
@@ -842,11 +804,8 @@ fn hostfwd_port_in_use_is_a_startup_error_naming_the_rule() {
 
 #[test]
 fn restrict_blocks_host_loopback_and_dns_but_not_forwards() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let dns = UdpSocket::bind("127.0.0.1:0").unwrap();
-    dns.set_nonblocking(true).unwrap();
+    let (listener, port) = tcp_listener_nonblocking();
+    let (dns, _) = udp_server_nonblocking();
     let c = UserNetConfig {
         restrict: true,
         dns_upstream: Some(dns.local_addr().unwrap().to_string()),
@@ -854,7 +813,7 @@ fn restrict_blocks_host_loopback_and_dns_but_not_forwards() {
         ..Default::default()
     };
     let mut g = Guest::new(&c);
-    g.send(&tcp_frame(g.gw_mac, 45000, (GW, port), 1, 0, TCP_SYN, &[], true));
+    g.send(&tcp_frame(GUEST, g.gw_mac, 45000, (GW, port), 1, 0, TCP_SYN, &[], true));
     g.udp(45001, (DNS, 53), b"query");
     g.udp(45002, (GW, port), b"udp");
     g.udp(45003, (Ipv4Addr::new(192, 0, 2, 1), 53), b"outside");
@@ -870,11 +829,9 @@ fn restrict_blocks_host_loopback_and_dns_but_not_forwards() {
 
 #[test]
 fn host_loopback_switch_off_refuses_the_host_address() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = tcp_listener_nonblocking();
     let mut g = Guest::new(&UserNetConfig { host_loopback: false, ..cfg() });
-    g.send(&tcp_frame(g.gw_mac, 45010, (GW, port), 1, 0, TCP_SYN, &[], true));
+    g.send(&tcp_frame(GUEST, g.gw_mac, 45010, (GW, port), 1, 0, TCP_SYN, &[], true));
     let f = g.wait(|f| tcp_of(f).is_some()).expect("RST");
     assert_eq!(tcp_of(&f).unwrap().5 & TCP_RST, TCP_RST);
     assert!(listener.accept().is_err());
@@ -883,14 +840,176 @@ fn host_loopback_switch_off_refuses_the_host_address() {
 
 #[test]
 fn guest_may_not_address_host_loopback_directly() {
-    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-    server.set_nonblocking(true).unwrap();
-    let port = server.local_addr().unwrap().port();
+    let (server, port) = udp_server_nonblocking();
     let mut g = Guest::new(&UserNetConfig { host_loopback: false, ..cfg() });
     g.udp(45020, (Ipv4Addr::LOCALHOST, port), b"sneaky");
     g.drain(20);
     assert!(server.recv(&mut [0u8; 8]).is_err());
     assert_eq!(g.net.dropped(DropReason::MartianDestination), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Routed guests: a guest forwards for a LAN behind it without masquerading, so the LAN's
+// addresses arrive as sources, all from the router guest's MAC.
+
+/// Every IPv4 frame the NAT produced so far went to `to` (address and MAC).
+fn all_ipv4_frames_went_to(g: &Guest, to: Sender, proto: u8) -> usize {
+    let frames: Vec<Parsed> =
+        g.seen.iter().filter_map(parse).filter(|p| p.proto == proto).collect();
+    for p in &frames {
+        assert_eq!((p.dst, p.eth_dst), (to.ip, to.mac), "a reply went astray");
+    }
+    frames.len()
+}
+
+#[test]
+fn routed_host_tcp_exchange_through_a_router_guest() {
+    let (server, port) = tcp_server(move |mut s, _| {
+        let mut req = [0u8; 16];
+        s.read_exact(&mut req).unwrap();
+        s.write_all(b"HTTP/1.0 200 OK\r\n\r\nrouted").unwrap();
+    });
+    let mut g = Guest::new(&cfg());
+    // The router's NAT-side address is known before its LAN's traffic arrives.
+    g.arp_for(GW);
+    g.drain(10);
+    g.seen.clear();
+    let mut c = GuestTcp::connect_from(&mut g, ROUTED, 42100, (GW, port)).expect("handshake");
+    c.send(&mut g, b"GET / HTTP/1.0\r\n");
+    let (data, fin) = c.read(&mut g, 100);
+    assert!(fin, "server's FIN reached the routed host");
+    assert_eq!(data, b"HTTP/1.0 200 OK\r\n\r\nrouted");
+    c.fin(&mut g);
+    server.join().unwrap();
+    assert!(all_ipv4_frames_went_to(&g, ROUTED, IPPROTO_TCP) >= 3);
+    assert!(g.seen.iter().filter_map(parse).all(|p| p.src == GW));
+    assert_eq!(g.net.guest_ip(), Some(GUEST_IP), "routed traffic is not the guest's identity");
+    assert!(gauge(&g, "routed_in") >= 4);
+    assert_eq!(g.net.dropped(DropReason::BadSource), 0);
+    let deadline = Instant::now() + WAIT;
+    while gauge(&g, "tcp_flows_open") != 0 && Instant::now() < deadline {
+        g.drain(20);
+    }
+    assert_eq!(gauge(&g, "tcp_flows_open"), 0, "flow closed after both FINs");
+}
+
+#[test]
+fn routed_host_udp_exchange_through_a_router_guest() {
+    let (server, port) = udp_server();
+    let c = UserNetConfig { hostfwd: vec!["tcp:127.0.0.1:0-:22".into()], ..cfg() };
+    let mut g = Guest::new(&c);
+    g.arp_for(GW);
+    g.drain(10);
+    g.seen.clear();
+    let f = udp_frame_via(ROUTER_MAC, g.gw_mac, (ROUTED.ip, 43100), (GW, port), b"routed ping");
+    g.send(&f);
+    let mut b = [0u8; 64];
+    let (n, routed_peer) = server.recv_from(&mut b).unwrap();
+    assert_eq!(&b[..n], b"routed ping");
+    server.send_to(b"routed pong", routed_peer).unwrap();
+    let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_UDP)).expect("reply");
+    let p = parse(&f).unwrap();
+    assert_eq!((p.src, p.dst, p.eth_dst), (GW, ROUTED.ip, ROUTER_MAC));
+    let udp = UdpPacket::new(&p.l4).unwrap();
+    assert_eq!((udp.src_port(), udp.dst_port(), udp.payload()), (port, 43100, &b"routed pong"[..]));
+
+    // The attached guest with the same port is a flow of its own.
+    g.udp(43100, (GW, port), b"attached ping");
+    let (n, guest_peer) = server.recv_from(&mut b).unwrap();
+    assert_eq!(&b[..n], b"attached ping");
+    assert_ne!(guest_peer, routed_peer);
+    server.send_to(b"attached pong", guest_peer).unwrap();
+    let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_UDP)).expect("reply");
+    let p = parse(&f).unwrap();
+    assert_eq!((p.dst, p.eth_dst), (GUEST_IP, GUEST_MAC));
+    assert_eq!(gauge(&g, "udp_flows_open"), 2);
+
+    // Port forwards still go to the attached guest.
+    let _client = TcpStream::connect(g.net.hostfwd_addrs()[0]).unwrap();
+    let syn = g.wait(|f| tcp_of(f).is_some_and(|t| t.5 == TCP_SYN)).expect("forwarded SYN");
+    let (p, _, dport, _, _, _, _, _) = tcp_of(&syn).unwrap();
+    assert_eq!((p.dst, p.eth_dst, dport), (GUEST_IP, GUEST_MAC, 22));
+    assert_eq!(g.net.guest_ip(), Some(GUEST_IP));
+}
+
+#[test]
+fn routed_host_pings_the_gateway_through_a_router_guest() {
+    let mut g = Guest::new(&cfg());
+    g.send(&icmp_echo(ROUTED, g.gw_mac, GW, 0x99, 1, b"routed"));
+    let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_ICMP)).expect("echo reply");
+    let p = parse(&f).unwrap();
+    assert_eq!((p.src, p.dst, p.eth_dst), (GW, ROUTED.ip, ROUTER_MAC));
+    assert_eq!(g.net.guest_ip(), None, "a routed source is never taken as the guest's address");
+}
+
+#[test]
+fn routed_host_cannot_answer_a_udp_forward_in_the_guests_name() {
+    let c = UserNetConfig { hostfwd: vec!["udp:127.0.0.1:0-:5353".into()], ..cfg() };
+    let mut g = Guest::new(&c);
+    let (client, p) = datagram_through_udp_forward(&mut g, Duration::from_millis(200));
+    let peer_port = UdpPacket::new(&p.l4).unwrap().src_port();
+    let forged = udp_frame_via(ROUTER_MAC, g.gw_mac, (ROUTED.ip, 5353), (GW, peer_port), b"x");
+    g.send(&forged);
+    g.drain(20);
+    // It may reach the peer's port as any datagram to host loopback would, but never from
+    // the forward's address, which speaks for the guest.
+    if let Ok((_, from)) = client.recv_from(&mut [0u8; 8]) {
+        assert_ne!(from, std::net::SocketAddr::V4(g.net.hostfwd_addrs()[0]));
+    }
+}
+
+#[test]
+fn rejected_sources_are_dropped_and_counted() {
+    let (server, port) = udp_server_nonblocking();
+    let mut g = Guest::new(&cfg());
+    let bad = [
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::new(0, 1, 2, 3),
+        Ipv4Addr::LOCALHOST,
+        Ipv4Addr::new(127, 9, 9, 9),
+        Ipv4Addr::new(224, 0, 0, 1),
+        Ipv4Addr::new(239, 255, 255, 250),
+        Ipv4Addr::BROADCAST,
+        Ipv4Addr::new(240, 0, 0, 1),
+        Ipv4Addr::new(169, 254, 1, 1),
+        GW,
+        DNS,
+        Ipv4Addr::new(10, 0, 2, 0),
+        Ipv4Addr::new(10, 0, 2, 255),
+    ];
+    for (i, src) in bad.iter().enumerate() {
+        let sport = 44000 + i as u16;
+        g.send(&udp_frame_via(ROUTER_MAC, g.gw_mac, (*src, sport), (GW, port), b"bad"));
+        let from = Sender { mac: ROUTER_MAC, ip: *src };
+        g.send(&tcp_frame(from, g.gw_mac, sport, (GW, port), 1, 0, TCP_SYN, &[], true));
+        g.send(&icmp_echo(from, g.gw_mac, GW, 1, 1, b"bad"));
+    }
+    assert!(g.drain(20).is_empty(), "no answer to a rejected source");
+    assert!(server.recv(&mut [0u8; 16]).is_err());
+    assert_eq!(g.net.dropped(DropReason::BadSource), 3 * bad.len() as u64);
+    assert_eq!(gauge(&g, "udp_flows_open") + gauge(&g, "tcp_flows_open"), 0);
+    assert_eq!(gauge(&g, "routed_in"), 0);
+    assert_eq!(g.net.guest_ip(), None);
+}
+
+#[test]
+fn restrict_blocks_routed_hosts() {
+    let (listener, port) = tcp_listener_nonblocking();
+    let c =
+        UserNetConfig { restrict: true, hostfwd: vec!["udp:127.0.0.1:0-:5353".into()], ..cfg() };
+    let mut g = Guest::new(&c);
+    let (client, p) = datagram_through_udp_forward(&mut g, Duration::from_millis(200));
+    let peer_port = UdpPacket::new(&p.l4).unwrap().src_port();
+    g.send(&tcp_frame(ROUTED, g.gw_mac, 45100, (GW, port), 1, 0, TCP_SYN, &[], true));
+    g.send(&udp_frame_via(ROUTER_MAC, g.gw_mac, (ROUTED.ip, 5353), (GW, peer_port), b"x"));
+    g.send(&icmp_echo(ROUTED, g.gw_mac, GW, 1, 1, b"x"));
+    g.send(&udp_frame_via(ROUTER_MAC, g.gw_mac, (ROUTED.ip, 45101), (DNS, 53), b"q"));
+    assert!(g.drain(20).is_empty(), "restrict answers no routed host");
+    assert!(listener.accept().is_err());
+    assert!(client.recv_from(&mut [0u8; 8]).is_err());
+    assert_eq!(g.net.dropped(DropReason::Restricted), 4);
+    assert_eq!(gauge(&g, "routed_in"), 0);
+    assert_eq!(gauge(&g, "tcp_flows_open") + gauge(&g, "udp_flows_open"), 0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -910,9 +1029,7 @@ fn fix_ip_csum(frame: &mut [u8]) {
 
 #[test]
 fn hostile_ip_fragments_are_dropped_not_reassembled() {
-    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-    server.set_nonblocking(true).unwrap();
-    let port = server.local_addr().unwrap().port();
+    let (server, port) = udp_server_nonblocking();
     let mut g = Guest::new(&cfg());
     let mut first = ipv4_udp_to_gw(&g, port, &[0u8; 64]);
     first[20] = 0x20; // MF
@@ -935,9 +1052,7 @@ fn hostile_ip_fragments_are_dropped_not_reassembled() {
 
 #[test]
 fn hostile_ip_options_are_skipped_by_length() {
-    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-    server.set_read_timeout(Some(WAIT)).unwrap();
-    let port = server.local_addr().unwrap().port();
+    let (server, port) = udp_server();
     let mut g = Guest::new(&cfg());
     let plain = ipv4_udp_to_gw(&g, port, b"with-options");
     // Insert 8 bytes of options (NOP NOP, a router alert, EOL) after the IP header.
@@ -986,7 +1101,7 @@ fn hostile_truncated_and_oversized_frames() {
     g.send(&huge);
     assert_eq!(g.net.dropped(DropReason::Oversized), 1);
     // A truncated TCP header.
-    let mut tcp = tcp_frame(g.gw_mac, 1, (GW, 2), 0, 0, TCP_SYN, &[], false);
+    let mut tcp = tcp_frame(GUEST, g.gw_mac, 1, (GW, 2), 0, 0, TCP_SYN, &[], false);
     tcp[14 + 20 + 12] = 0xf0; // 60-byte header in a 20-byte segment
     g.send(&tcp);
     assert_eq!(g.net.dropped(DropReason::L4Malformed), 1);
@@ -994,8 +1109,7 @@ fn hostile_truncated_and_oversized_frames() {
 
 #[test]
 fn hostile_truncated_udp_tftp_and_bootp() {
-    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-    server.set_nonblocking(true).unwrap();
+    let (server, _) = udp_server_nonblocking();
     let mut g = Guest::new(&cfg());
     // UDP length field larger than the datagram, to the TFTP port.
     let mut tftp = ipv4_udp_to_gw(&g, 69, b"\x00\x01file\x00octet\x00");
@@ -1035,11 +1149,7 @@ fn hostile_dhcp_options() {
 
 #[test]
 fn hostile_tcp_urgent_data_is_delivered_inline() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
+    let (server, port) = tcp_server(move |mut s, _| {
         let mut b = [0u8; 8];
         s.read_exact(&mut b).unwrap();
         b
@@ -1047,8 +1157,7 @@ fn hostile_tcp_urgent_data_is_delivered_inline() {
     let mut g = Guest::new(&cfg());
     let c = GuestTcp::connect(&mut g, 47000, (GW, port)).expect("handshake");
     // URG with an urgent pointer far beyond the payload.
-    let mut f =
-        tcp_frame(g.gw_mac, c.sport, c.dst, c.seq, c.ack, TCP_ACK | TCP_URG, b"urgent!!", false);
+    let mut f = c.segment(g.gw_mac, TCP_ACK | TCP_URG, b"urgent!!");
     f[14 + 20 + 18..14 + 20 + 20].copy_from_slice(&0xffffu16.to_be_bytes());
     f[14 + 20 + 16] = 0;
     f[14 + 20 + 17] = 0;
@@ -1064,20 +1173,18 @@ fn hostile_tcp_urgent_data_is_delivered_inline() {
 
 #[test]
 fn hostile_source_zero() {
-    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-    server.set_nonblocking(true).unwrap();
-    let port = server.local_addr().unwrap().port();
+    let (server, port) = udp_server_nonblocking();
     let mut g = Guest::new(&cfg());
     // 0.0.0.0:0 as the source of UDP and TCP (only DHCP may use 0.0.0.0, and only from 68).
     let f = udp_frame(g.gw_mac, (Ipv4Addr::UNSPECIFIED, 0), (GW, port), b"zero");
     g.send(&f);
     let f = udp_frame(g.gw_mac, (GUEST_IP, 0), (GW, port), b"port zero");
     g.send(&f);
-    let mut t = tcp_frame(g.gw_mac, 0, (GW, port), 0, 0, TCP_SYN, &[], false);
+    let mut t = tcp_frame(GUEST, g.gw_mac, 0, (GW, port), 0, 0, TCP_SYN, &[], false);
     t[26..30].copy_from_slice(&[0, 0, 0, 0]);
     fix_ip_csum(&mut t);
     g.send(&t); // bad TCP checksum now too, but the source check comes first
-    let t = tcp_frame(g.gw_mac, 0, (GW, port), 0, 0, TCP_SYN, &[], false);
+    let t = tcp_frame(GUEST, g.gw_mac, 0, (GW, port), 0, 0, TCP_SYN, &[], false);
     g.send(&t);
     // Sources that are ours or the subnet's broadcast.
     let f = udp_frame(g.gw_mac, (GW, 1000), (GW, port), b"spoof");
@@ -1149,7 +1256,7 @@ fn tcp_to_an_unreachable_network_gets_icmp_unreachable() {
         let mut g = Guest::new(&cfg());
         // No route exists in the private namespace: connect() fails with ENETUNREACH.
         let dst = (Ipv4Addr::new(192, 0, 2, 1), 80);
-        g.send(&tcp_frame(g.gw_mac, 48000, dst, 1, 0, TCP_SYN, &[], true));
+        g.send(&tcp_frame(GUEST, g.gw_mac, 48000, dst, 1, 0, TCP_SYN, &[], true));
         let f = g
             .wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_ICMP))
             .expect("ICMP unreachable");
@@ -1171,8 +1278,7 @@ fn tcp_to_an_unreachable_network_gets_icmp_unreachable() {
 fn half_open_cap_drops_extra_syns() {
     // A listener that never accepts and a backlog of 0: once its queue is full, further
     // connects stay pending (their SYNs are dropped), i.e. half-open.
-    let stuck = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = stuck.local_addr().unwrap().port();
+    let (stuck, port) = tcp_listener();
     // SAFETY: plain syscall on a socket we own.
     unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&stuck), 0) };
     let _filler1 = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -1181,13 +1287,13 @@ fn half_open_cap_drops_extra_syns() {
         Duration::from_millis(200),
     );
     let mut g = Guest::new(&UserNetConfig { max_half_open: 1, ..cfg() });
-    g.send(&tcp_frame(g.gw_mac, 48010, (GW, port), 1, 0, TCP_SYN, &[], true));
+    g.send(&tcp_frame(GUEST, g.gw_mac, 48010, (GW, port), 1, 0, TCP_SYN, &[], true));
     g.drain(50);
     if gauge(&g, "tcp_half_open") != 1 {
         eprintln!("kernel completed the connect despite the full backlog; skipping");
         return;
     }
-    g.send(&tcp_frame(g.gw_mac, 48011, (GW, port), 1, 0, TCP_SYN, &[], true));
+    g.send(&tcp_frame(GUEST, g.gw_mac, 48011, (GW, port), 1, 0, TCP_SYN, &[], true));
     g.drain(20);
     assert_eq!(g.net.dropped(DropReason::HalfOpenLimit), 1);
     assert_eq!(gauge(&g, "tcp_flows_open"), 1);
@@ -1195,8 +1301,7 @@ fn half_open_cap_drops_extra_syns() {
 
 #[test]
 fn idle_udp_flows_expire() {
-    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = server.local_addr().unwrap().port();
+    let (_server, port) = udp_server();
     let mut g = Guest::new(&UserNetConfig { udp_idle_timeout_secs: 1, ..cfg() });
     g.udp(48020, (GW, port), b"x");
     assert_eq!(gauge(&g, "udp_flows_open"), 1);
@@ -1247,16 +1352,22 @@ fn ping_elsewhere_goes_through_an_icmp_socket() {
         assert_eq!(icmp.data(), b"through a socket");
         assert!(icmp.checksum_ok());
         assert_eq!(gauge(&g, "icmp_flows_open"), 1);
+
+        // A routed host using the same echo id is a flow of its own, answered at the
+        // router's MAC.
+        g.send(&icmp_echo(ROUTED, g.gw_mac, dst, 0x3131, 10, b"routed"));
+        let f = g.wait(|f| parse(f).is_some_and(|p| p.proto == IPPROTO_ICMP)).expect("echo reply");
+        let p = parse(&f).unwrap();
+        let icmp = IcmpPacket::new(&p.l4).unwrap();
+        assert_eq!((p.src, p.dst, p.eth_dst), (dst, ROUTED.ip, ROUTER_MAC));
+        assert_eq!((icmp.ident(), icmp.seq_no(), icmp.data()), (0x3131, 10, &b"routed"[..]));
+        assert_eq!(gauge(&g, "icmp_flows_open"), 2);
     });
 }
 
 #[test]
 fn small_segments_are_acked_after_a_short_delay_without_a_reply() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
+    let (server, port) = tcp_server(move |mut s, _| {
         let mut b = [0u8; 3];
         s.read_exact(&mut b).unwrap();
         std::thread::sleep(Duration::from_millis(200));
@@ -1275,10 +1386,7 @@ fn small_segments_are_acked_after_a_short_delay_without_a_reply() {
 
 #[test]
 fn unacknowledged_data_is_resent_after_the_timeout() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+    let (server, port) = tcp_server(move |mut s, _| {
         s.write_all(b"are you there?").unwrap();
         std::thread::sleep(Duration::from_millis(2500));
     });
@@ -1297,10 +1405,7 @@ fn unacknowledged_data_is_resent_after_the_timeout() {
 
 #[test]
 fn zero_window_is_probed() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+    let (server, port) = tcp_server(move |mut s, _| {
         std::thread::sleep(Duration::from_millis(100));
         s.write_all(b"waiting for a window").unwrap();
         std::thread::sleep(Duration::from_millis(2500));
@@ -1308,7 +1413,7 @@ fn zero_window_is_probed() {
     let mut g = Guest::new(&cfg());
     let c = GuestTcp::connect(&mut g, 48300, (GW, port)).expect("handshake");
     // Close the window.
-    let mut f = tcp_frame(g.gw_mac, c.sport, c.dst, c.seq, c.ack, TCP_ACK, &[], false);
+    let mut f = c.segment(g.gw_mac, TCP_ACK, &[]);
     f[14 + 20 + 14] = 0;
     f[14 + 20 + 15] = 0;
     super::fuzz::fix_checksums(&mut f);

@@ -9,10 +9,9 @@ use std::time::Instant;
 use super::counters::{DropReason, Proto};
 use super::engine::{Engine, Target, TOKEN_UDP};
 use super::slab::{Handle, Slab};
-use super::sys;
 use super::wire::*;
-use crate::backend::VnetHdr;
 use crate::mac::MacAddr;
+use crate::sys;
 
 /// (guest ip, guest port, virtual destination ip, destination port)
 pub type UdpKey = (Ipv4Addr, u16, Ipv4Addr, u16);
@@ -159,17 +158,7 @@ impl Engine {
         }
         let mut buf = vec![0u8; hdrs + data.len()];
         buf[hdrs..].copy_from_slice(data);
-        let (mode, hdr) = if self.rx_csum_offload() {
-            let hdr = VnetHdr {
-                flags: VnetHdr::FLAG_NEEDS_CSUM,
-                csum_start: (ETH_HDR_LEN + IPV4_HDR_LEN) as u16,
-                csum_offset: 6,
-                ..Default::default()
-            };
-            (CsumMode::Partial, hdr)
-        } else {
-            (CsumMode::Full, VnetHdr::default())
-        };
+        let (mode, hdr) = self.l4_csum_mode(UDP_CSUM_OFFSET);
         let n = write_udp_frame(&mut buf, mac, self.gw_mac, src, dst, data.len(), mode);
         buf.truncate(n);
         self.emit(proto, hdr, buf);
@@ -186,7 +175,7 @@ impl Engine {
             };
             if now.duration_since(f.last_use) >= idle {
                 if let Some(f) = self.udp.flows.remove(h) {
-                    self.epoll.delete(f.sock.as_raw_fd());
+                    let _ = self.epoll.delete(f.sock.as_raw_fd());
                     self.udp.by_key.remove(&f.key);
                 }
             }

@@ -24,6 +24,9 @@ pub const UDP_HDR_LEN: usize = 8;
 pub const TCP_HDR_LEN: usize = 20;
 pub const ICMP_HDR_LEN: usize = 8;
 pub const ARP_LEN: usize = 28;
+/// Where the checksum field sits in a UDP and a TCP header.
+pub const UDP_CSUM_OFFSET: u16 = 6;
+pub const TCP_CSUM_OFFSET: u16 = 16;
 
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const ETHERTYPE_ARP: u16 = 0x0806;
@@ -233,6 +236,13 @@ pub fn write_arp(
     len
 }
 
+/// A broadcast ARP request: who has `tpa`? Tell `spa` at `sha`.
+pub fn arp_request_frame(sha: MacAddr, spa: Ipv4Addr, tpa: Ipv4Addr) -> Vec<u8> {
+    let mut buf = vec![0u8; ETH_HDR_LEN + ARP_LEN];
+    write_arp(&mut buf, MacAddr::BROADCAST, ARP_REQUEST, sha, spa, MacAddr([0; 6]), tpa);
+    buf
+}
+
 // ---------------------------------------------------------------------------------------
 // IPv4
 
@@ -408,9 +418,9 @@ pub fn write_udp_frame(
             if c == 0 {
                 c = 0xffff;
             }
-            put16(u, 6, c);
+            put16(u, UDP_CSUM_OFFSET as usize, c);
         }
-        CsumMode::Partial => put16(u, 6, csum_fold(ph)),
+        CsumMode::Partial => put16(u, UDP_CSUM_OFFSET as usize, csum_fold(ph)),
         CsumMode::None => {}
     }
     total
@@ -593,9 +603,9 @@ pub fn write_tcp_frame(
     match csum {
         CsumMode::Full => {
             let c = !csum_fold(csum_partial(t, ph));
-            put16(t, 16, c);
+            put16(t, TCP_CSUM_OFFSET as usize, c);
         }
-        CsumMode::Partial => put16(t, 16, csum_fold(ph)),
+        CsumMode::Partial => put16(t, TCP_CSUM_OFFSET as usize, csum_fold(ph)),
         CsumMode::None => {}
     }
     total

@@ -25,34 +25,30 @@ use std::os::fd::{AsRawFd, RawFd};
 use serde::Deserialize;
 use thiserror::Error;
 
-use super::{resolve, sys};
+use super::resolve;
 use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr};
+use crate::counters::{drop_reasons, LinkCounters};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
+use crate::sys;
 use crate::warn_limited;
 
 /// `"backend": {"type": "dgram", ...}` in the VM config.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DgramConfig {
     /// Unicast: `"host:port"` to bind.
-    #[serde(default)]
     pub local: Option<String>,
     /// Unicast: `"host:port"` of the peer; datagrams from anywhere else are ignored.
-    #[serde(default)]
     pub remote: Option<String>,
     /// Multicast: `"group:port"`, an IPv4 group such as 230.0.0.1:1234.
-    #[serde(default)]
     pub mcast: Option<String>,
     /// Multicast TTL (default 1: the local network only).
-    #[serde(default)]
     pub ttl: Option<u32>,
     /// Multicast loopback (default true: other VMs on this host hear us). Over `lo`
     /// itself every datagram loops back whatever this says.
-    #[serde(default)]
     pub loopback: Option<bool>,
     /// Multicast: IPv4 address of the interface to use (default: chosen by routing).
-    #[serde(default)]
     pub local_addr: Option<String>,
 }
 
@@ -75,32 +71,20 @@ const ETH_HEADER_LEN: usize = 14;
 /// of our own looped-back frames cannot hold it.
 const RECV_BUDGET: usize = 64;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DropKind {
-    TxOffloadUnsupported,
-    TxTooLarge,
-    TxSocketFull,
-    TxPeerUnreachable,
-    TxError,
-    RxRunt,
-    RxTooLarge,
-    RxMacConflict,
-    RxForeignSource,
-    RxError,
+drop_reasons! {
+    enum DropKind {
+        TxOffloadUnsupported => "tx_offload_unsupported",
+        TxTooLarge => "tx_too_large_for_udp",
+        TxSocketFull => "tx_socket_full",
+        TxPeerUnreachable => "tx_peer_unreachable",
+        TxError => "tx_error",
+        RxRunt => "rx_runt",
+        RxTooLarge => "rx_too_large_for_buffer",
+        RxMacConflict => "rx_mac_conflict",
+        RxForeignSource => "rx_foreign_source",
+        RxError => "rx_error",
+    }
 }
-
-const DROP_KINDS: [(DropKind, &str); 10] = [
-    (DropKind::TxOffloadUnsupported, "tx_offload_unsupported"),
-    (DropKind::TxTooLarge, "tx_too_large_for_udp"),
-    (DropKind::TxSocketFull, "tx_socket_full"),
-    (DropKind::TxPeerUnreachable, "tx_peer_unreachable"),
-    (DropKind::TxError, "tx_error"),
-    (DropKind::RxRunt, "rx_runt"),
-    (DropKind::RxTooLarge, "rx_too_large_for_buffer"),
-    (DropKind::RxMacConflict, "rx_mac_conflict"),
-    (DropKind::RxForeignSource, "rx_foreign_source"),
-    (DropKind::RxError, "rx_error"),
-];
 
 enum Mode {
     Unicast { remote: SocketAddr },
@@ -113,12 +97,8 @@ pub struct DgramBackend {
     mode: Mode,
     mac: MacAddr,
     description: String,
-    tx_frames: u64,
-    tx_bytes: u64,
-    rx_frames: u64,
-    rx_bytes: u64,
+    counts: LinkCounters<DropKind>,
     own_frames_ignored: u64,
-    drops: [u64; DROP_KINDS.len()],
     log: LogLimiter,
 }
 
@@ -133,7 +113,7 @@ fn bound_socket(addr: SocketAddr, reuse: bool) -> io::Result<UdpSocket> {
     let fd =
         socket(family, SockType::Datagram, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
     if reuse {
-        sys::set_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        sys::setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     }
     bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
     Ok(UdpSocket::from(fd))
@@ -165,12 +145,8 @@ impl DgramBackend {
             mode,
             mac,
             description,
-            tx_frames: 0,
-            tx_bytes: 0,
-            rx_frames: 0,
-            rx_bytes: 0,
+            counts: LinkCounters::new(),
             own_frames_ignored: 0,
-            drops: [0; DROP_KINDS.len()],
             log: LogLimiter::default_rate(),
         })
     }
@@ -282,12 +258,6 @@ impl DgramBackend {
         Ok((rx, Mode::Multicast { group, tx, own_source }, description))
     }
 
-    fn count_drop(&mut self, kind: DropKind) {
-        if let Some(i) = DROP_KINDS.iter().position(|(k, _)| *k == kind) {
-            self.drops[i] += 1;
-        }
-    }
-
     /// The socket our frames leave from (the send socket for multicast).
     pub fn send_addr(&self) -> Option<SocketAddr> {
         match &self.mode {
@@ -313,16 +283,16 @@ impl DgramBackend {
     fn send_error(&mut self, e: io::Error) -> BackendError {
         match e.raw_os_error() {
             Some(libc::EAGAIN) | Some(libc::ENOBUFS) => {
-                self.count_drop(DropKind::TxSocketFull);
+                self.counts.dropped(DropKind::TxSocketFull);
                 BackendError::Dropped("udp socket buffer full")
             }
             Some(libc::ECONNREFUSED) | Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) => {
-                self.count_drop(DropKind::TxPeerUnreachable);
+                self.counts.dropped(DropKind::TxPeerUnreachable);
                 warn_limited!(self.log, "dgram {}: peer unreachable: {e}", self.description);
                 BackendError::Dropped("udp peer unreachable")
             }
             _ => {
-                self.count_drop(DropKind::TxError);
+                self.counts.dropped(DropKind::TxError);
                 warn_limited!(self.log, "dgram {}: send failed: {e}", self.description);
                 BackendError::Dropped("udp send failed")
             }
@@ -349,11 +319,11 @@ impl Backend for DgramBackend {
 
     fn send(&mut self, hdr: &VnetHdr, frame: &[u8]) -> Result<(), BackendError> {
         if !hdr.is_plain() {
-            self.count_drop(DropKind::TxOffloadUnsupported);
+            self.counts.dropped(DropKind::TxOffloadUnsupported);
             return Err(BackendError::Dropped("dgram backend takes no offloaded frames"));
         }
         if frame.len() > MAX_DATAGRAM_FRAME {
-            self.count_drop(DropKind::TxTooLarge);
+            self.counts.dropped(DropKind::TxTooLarge);
             return Err(BackendError::Dropped("frame larger than a UDP datagram"));
         }
         let result = match &self.mode {
@@ -362,8 +332,7 @@ impl Backend for DgramBackend {
         };
         match result {
             Ok(_) => {
-                self.tx_frames += 1;
-                self.tx_bytes += frame.len() as u64;
+                self.counts.sent(frame.len());
                 Ok(())
             }
             Err(e) => Err(self.send_error(e)),
@@ -377,27 +346,27 @@ impl Backend for DgramBackend {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 // An ICMP error for an earlier unicast send; not a frame.
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                    self.count_drop(DropKind::TxPeerUnreachable);
+                    self.counts.dropped(DropKind::TxPeerUnreachable);
                     continue;
                 }
                 Err(e) => {
-                    self.count_drop(DropKind::RxError);
+                    self.counts.dropped(DropKind::RxError);
                     warn_limited!(self.log, "dgram {}: receive failed: {e}", self.description);
                     return Ok(None);
                 }
             };
             if len > buf.len() {
-                self.count_drop(DropKind::RxTooLarge);
+                self.counts.dropped(DropKind::RxTooLarge);
                 continue;
             }
             let Some(frame) = buf.get(..len).filter(|f| f.len() >= ETH_HEADER_LEN) else {
-                self.count_drop(DropKind::RxRunt);
+                self.counts.dropped(DropKind::RxRunt);
                 continue;
             };
             if let Mode::Unicast { remote } = &self.mode {
                 // The socket is connected, but be explicit about foreign senders.
                 if source.is_some_and(|s| s != *remote) {
-                    self.count_drop(DropKind::RxForeignSource);
+                    self.counts.dropped(DropKind::RxForeignSource);
                     continue;
                 }
             }
@@ -406,7 +375,7 @@ impl Backend for DgramBackend {
                 if self.sent_by_own_socket(source) {
                     self.own_frames_ignored += 1;
                 } else {
-                    self.count_drop(DropKind::RxMacConflict);
+                    self.counts.dropped(DropKind::RxMacConflict);
                     warn_limited!(
                         self.log,
                         "dgram {}: a frame from {} carries this NIC's own MAC {}; two NICs share it",
@@ -417,22 +386,14 @@ impl Backend for DgramBackend {
                 }
                 continue;
             }
-            self.rx_frames += 1;
-            self.rx_bytes += len as u64;
+            self.counts.received(len);
             return Ok(Some((VnetHdr::default(), len)));
         }
         Ok(None)
     }
 
     fn counters(&self) -> BackendCounters {
-        BackendCounters {
-            tx_frames: self.tx_frames,
-            tx_bytes: self.tx_bytes,
-            rx_frames: self.rx_frames,
-            rx_bytes: self.rx_bytes,
-            drops: DROP_KINDS.iter().zip(self.drops).map(|((_, name), n)| (*name, n)).collect(),
-            gauges: vec![("own_frames_ignored", self.own_frames_ignored)],
-        }
+        self.counts.report(vec![("own_frames_ignored", self.own_frames_ignored)])
     }
 }
 

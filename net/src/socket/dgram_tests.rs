@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::backend::MAX_FRAME_LEN;
-use crate::testutil::{eth_frame, recv_until, NetNs};
+use crate::testutil::{drop_count, eth_frame, gauge, recv_until, NetNs};
 
 const WAIT: Duration = Duration::from_secs(3);
 
@@ -14,19 +14,20 @@ fn frame(from: u8, tag: u8) -> Vec<u8> {
     eth_frame([0xff; 6], mac(from).0, 0x88b5, &[tag; 50])
 }
 
-fn drop_count(b: &dyn Backend, name: &str) -> u64 {
-    b.counters().drops.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
-}
-
-fn gauge(b: &dyn Backend, name: &str) -> u64 {
-    b.counters().gauges.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
-}
-
 /// Two ports free right now on 127.0.0.1 (the tiny race with other processes is fine).
 fn free_udp_ports() -> (u16, u16) {
     let a = UdpSocket::bind("127.0.0.1:0").unwrap();
     let b = UdpSocket::bind("127.0.0.1:0").unwrap();
     (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+}
+
+/// A unicast link from 127.0.0.1:`local` to 127.0.0.1:`remote`.
+fn unicast_cfg(local: u16, remote: u16) -> DgramConfig {
+    DgramConfig {
+        local: Some(format!("127.0.0.1:{local}")),
+        remote: Some(format!("127.0.0.1:{remote}")),
+        ..Default::default()
+    }
 }
 
 fn quiet(backend: &mut dyn Backend) -> bool {
@@ -94,13 +95,8 @@ fn invalid_configs_name_the_field() {
 #[test]
 fn unicast_pair_moves_frames_both_ways_and_ignores_strangers() {
     let (pa, pb) = free_udp_ports();
-    let cfg = |local: u16, remote: u16| DgramConfig {
-        local: Some(format!("127.0.0.1:{local}")),
-        remote: Some(format!("127.0.0.1:{remote}")),
-        ..Default::default()
-    };
-    let mut a = DgramBackend::new(&cfg(pa, pb), mac(1)).unwrap();
-    let mut b = DgramBackend::new(&cfg(pb, pa), mac(2)).unwrap();
+    let mut a = DgramBackend::new(&unicast_cfg(pa, pb), mac(1)).unwrap();
+    let mut b = DgramBackend::new(&unicast_cfg(pb, pa), mac(2)).unwrap();
     assert_eq!(a.supported_offloads(), Offloads::NONE);
     assert!(a.link_up());
 
@@ -125,12 +121,7 @@ fn unicast_pair_moves_frames_both_ways_and_ignores_strangers() {
 #[test]
 fn unicast_peer_down_is_counted_not_fatal() {
     let (pa, pb) = free_udp_ports();
-    let cfg = DgramConfig {
-        local: Some(format!("127.0.0.1:{pa}")),
-        remote: Some(format!("127.0.0.1:{pb}")),
-        ..Default::default()
-    };
-    let mut a = DgramBackend::new(&cfg, mac(1)).unwrap();
+    let mut a = DgramBackend::new(&unicast_cfg(pa, pb), mac(1)).unwrap();
     // Nobody listens on pb: the kernel reports port unreachable on a later call.
     for _ in 0..3 {
         let _ = a.send(&VnetHdr::default(), &frame(1, 1));
@@ -145,12 +136,7 @@ fn unicast_peer_down_is_counted_not_fatal() {
 #[test]
 fn offloaded_and_oversized_frames_are_refused() {
     let (pa, pb) = free_udp_ports();
-    let cfg = DgramConfig {
-        local: Some(format!("127.0.0.1:{pa}")),
-        remote: Some(format!("127.0.0.1:{pb}")),
-        ..Default::default()
-    };
-    let mut a = DgramBackend::new(&cfg, mac(1)).unwrap();
+    let mut a = DgramBackend::new(&unicast_cfg(pa, pb), mac(1)).unwrap();
     let tso = VnetHdr { gso_type: VnetHdr::GSO_TCPV4, ..Default::default() };
     assert!(matches!(a.send(&tso, &frame(1, 1)), Err(BackendError::Dropped(_))));
     assert!(matches!(

@@ -6,8 +6,8 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::RawFd;
 
-use super::sys;
 use crate::backend::MAX_FRAME_LEN;
+use crate::sys;
 
 pub const LEN_PREFIX: usize = 4;
 
@@ -99,7 +99,7 @@ impl FrameReader {
         let Some(free) = self.buf.get_mut(self.end..).filter(|f| !f.is_empty()) else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
-        let n = sys::recv_some(fd, free)?;
+        let n = sys::recv(fd, free, 0)?;
         self.end += n;
         Ok(n)
     }

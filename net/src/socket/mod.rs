@@ -6,7 +6,6 @@ pub mod dgram;
 mod framing;
 mod hub;
 pub mod stream;
-mod sys;
 
 pub use dgram::{DgramBackend, DgramConfig, DgramError};
 pub use stream::{StreamBackend, StreamConfig, StreamError};

@@ -37,40 +37,28 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use super::hub::{Peer, Peers, RxEvent};
-use super::sys::{self, Epoll, Flag, Timer};
 use super::{resolve, StreamAddr};
 use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr, MAX_FRAME_LEN};
+use crate::counters::{drop_reasons, LinkCounters};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
+use crate::sys::{self, Epoll, Flag, TimerFd};
 use crate::warn_limited;
 
 /// `"backend": {"type": "stream", ...}` in the VM config.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct StreamConfig {
     /// `"host:port"` or `"unix:/path"` to listen on.
-    #[serde(default)]
     pub listen: Option<String>,
     /// `"host:port"` or `"unix:/path"` to connect to.
-    #[serde(default)]
     pub connect: Option<String>,
     /// Accept many peers and forward frames among them (listen side only).
-    #[serde(default)]
     pub hub: bool,
     /// How long startup waits for the listener; 0 = don't wait, connect in the background.
-    #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Interval between reconnect attempts while the link is down (connect side).
-    #[serde(default = "default_reconnect_ms")]
     pub reconnect_ms: u64,
-}
-
-fn default_connect_timeout_ms() -> u64 {
-    5000
-}
-
-fn default_reconnect_ms() -> u64 {
-    1000
 }
 
 impl Default for StreamConfig {
@@ -79,8 +67,8 @@ impl Default for StreamConfig {
             listen: None,
             connect: None,
             hub: false,
-            connect_timeout_ms: default_connect_timeout_ms(),
-            reconnect_ms: default_reconnect_ms(),
+            connect_timeout_ms: 5000,
+            reconnect_ms: 1000,
         }
     }
 }
@@ -119,28 +107,18 @@ const LISTENER_PAUSE: Duration = Duration::from_secs(1);
 const FIRST_RECONNECT: Duration = Duration::from_millis(50);
 const PEER_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DropKind {
-    LinkDown,
-    TxOffloadUnsupported,
-    TxBadLength,
-    TxPeerLost,
-    HubPeerCongested,
-    RxBadLength,
-    RxTruncated,
-    RxTooLargeForBuffer,
+drop_reasons! {
+    enum DropKind {
+        LinkDown => "link_down",
+        TxOffloadUnsupported => "tx_offload_unsupported",
+        TxBadLength => "tx_bad_length",
+        TxPeerLost => "tx_peer_lost",
+        HubPeerCongested => "hub_peer_congested",
+        RxBadLength => "rx_bad_length",
+        RxTruncated => "rx_truncated_at_disconnect",
+        RxTooLargeForBuffer => "rx_too_large_for_buffer",
+    }
 }
-
-const DROP_KINDS: [(DropKind, &str); 8] = [
-    (DropKind::LinkDown, "link_down"),
-    (DropKind::TxOffloadUnsupported, "tx_offload_unsupported"),
-    (DropKind::TxBadLength, "tx_bad_length"),
-    (DropKind::TxPeerLost, "tx_peer_lost"),
-    (DropKind::HubPeerCongested, "hub_peer_congested"),
-    (DropKind::RxBadLength, "rx_bad_length"),
-    (DropKind::RxTruncated, "rx_truncated_at_disconnect"),
-    (DropKind::RxTooLargeForBuffer, "rx_too_large_for_buffer"),
-];
 
 enum Listener {
     Tcp(TcpListener),
@@ -218,7 +196,8 @@ impl Target {
                 let family =
                     if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
                 let fd = socket(family, SockType::Stream, flags, None).map_err(io::Error::from)?;
-                let _ = sys::set_int_opt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+                let _ =
+                    sys::setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
                 let result = connect(fd.as_raw_fd(), &SockaddrStorage::from(addr));
                 (fd, result, addr.to_string())
             }
@@ -250,17 +229,13 @@ pub struct StreamBackend {
     addr: StreamAddr,
     mac: MacAddr,
     epoll: Epoll,
-    timer: Timer,
+    timer: TimerFd,
     timer_armed: bool,
     pending: Flag,
     peers: Peers,
     next_token: u64,
     events: Vec<(u32, u64)>,
-    tx_frames: u64,
-    tx_bytes: u64,
-    rx_frames: u64,
-    rx_bytes: u64,
-    drops: [u64; DROP_KINDS.len()],
+    counts: LinkCounters<DropKind>,
     refused_peers: u64,
     log: LogLimiter,
 }
@@ -329,7 +304,7 @@ impl StreamBackend {
         }
         let io_err = |what| move |source| StreamError::Io { what, source };
         let epoll = Epoll::new().map_err(io_err("epoll_create"))?;
-        let timer = Timer::new().map_err(io_err("timerfd_create"))?;
+        let timer = TimerFd::new().map_err(io_err("timerfd_create"))?;
         let pending = Flag::new().map_err(io_err("eventfd"))?;
         epoll.add(timer.raw(), libc::EPOLLIN as u32, TOKEN_TIMER).map_err(io_err("epoll_ctl"))?;
         epoll
@@ -386,11 +361,7 @@ impl StreamBackend {
             peers: Peers::default(),
             next_token: FIRST_PEER_TOKEN,
             events: Vec::with_capacity(32),
-            tx_frames: 0,
-            tx_bytes: 0,
-            rx_frames: 0,
-            rx_bytes: 0,
-            drops: [0; DROP_KINDS.len()],
+            counts: LinkCounters::new(),
             refused_peers: 0,
             log: LogLimiter::default_rate(),
         };
@@ -455,12 +426,6 @@ impl StreamBackend {
 
     fn is_hub(&self) -> bool {
         matches!(self.role, Role::Listen { hub: true, .. })
-    }
-
-    fn count_drop(&mut self, kind: DropKind) {
-        if let Some(i) = DROP_KINDS.iter().position(|(k, _)| *k == kind) {
-            self.drops[i] += 1;
-        }
     }
 
     fn add_peer(&mut self, fd: OwnedFd, name: String) {
@@ -590,8 +555,8 @@ impl StreamBackend {
         };
         let _ = self.epoll.delete(fd.as_raw_fd());
         match sys::take_socket_error(fd.as_raw_fd()) {
-            Ok(None) => self.add_peer(fd, name),
-            Ok(Some(e)) | Err(e) => log::debug!("stream {}: reconnect failed: {e}", self.addr),
+            None => self.add_peer(fd, name),
+            Some(e) => log::debug!("stream {}: reconnect failed: {e}", self.addr),
         }
     }
 
@@ -648,7 +613,7 @@ impl StreamBackend {
         let removed = self.peers.reap();
         let truncated = removed.iter().filter(|p| p.rx.has_partial()).count();
         for _ in 0..truncated {
-            self.count_drop(DropKind::RxTruncated);
+            self.counts.dropped(DropKind::RxTruncated);
         }
         if !removed.is_empty() && self.peers.open_count() == 0 {
             log::info!("stream {}: no peer connected; link down", self.addr);
@@ -687,21 +652,21 @@ impl Backend for StreamBackend {
 
     fn send(&mut self, hdr: &VnetHdr, frame: &[u8]) -> Result<(), BackendError> {
         if !hdr.is_plain() {
-            self.count_drop(DropKind::TxOffloadUnsupported);
+            self.counts.dropped(DropKind::TxOffloadUnsupported);
             return Err(BackendError::Dropped("stream backend takes no offloaded frames"));
         }
         if frame.is_empty() || frame.len() > MAX_FRAME_LEN {
-            self.count_drop(DropKind::TxBadLength);
+            self.counts.dropped(DropKind::TxBadLength);
             return Err(BackendError::Dropped("frame length out of range"));
         }
         if self.peers.open_count() == 0 {
-            self.count_drop(DropKind::LinkDown);
+            self.counts.dropped(DropKind::LinkDown);
             return Err(BackendError::Dropped("stream link is down"));
         }
         let result = if self.is_hub() {
             let (_, congested) = self.peers.flood(frame, None);
             for _ in 0..congested {
-                self.count_drop(DropKind::HubPeerCongested);
+                self.counts.dropped(DropKind::HubPeerCongested);
             }
             Ok(())
         } else {
@@ -709,15 +674,14 @@ impl Backend for StreamBackend {
                 Some(super::hub::Offer::Taken) => Ok(()),
                 Some(super::hub::Offer::Congested) => Err(BackendError::WouldBlock),
                 Some(super::hub::Offer::Broken) | None => {
-                    self.count_drop(DropKind::TxPeerLost);
+                    self.counts.dropped(DropKind::TxPeerLost);
                     Err(BackendError::Dropped("stream peer disconnected"))
                 }
             }
         };
         self.settle();
         if result.is_ok() {
-            self.tx_frames += 1;
-            self.tx_bytes += frame.len() as u64;
+            self.counts.sent(frame.len());
         }
         result
     }
@@ -730,16 +694,15 @@ impl Backend for StreamBackend {
                         let (_, congested) =
                             self.peers.flood(buf.get(..frame.len).unwrap_or(&[]), Some(frame.from));
                         for _ in 0..congested {
-                            self.count_drop(DropKind::HubPeerCongested);
+                            self.counts.dropped(DropKind::HubPeerCongested);
                         }
                     }
-                    self.rx_frames += 1;
-                    self.rx_bytes += frame.len as u64;
+                    self.counts.received(frame.len);
                     self.settle();
                     return Ok(Some((VnetHdr::default(), frame.len)));
                 }
                 Some(RxEvent::TooLarge(len)) => {
-                    self.count_drop(DropKind::RxTooLargeForBuffer);
+                    self.counts.dropped(DropKind::RxTooLargeForBuffer);
                     self.settle();
                     warn_limited!(
                         self.log,
@@ -749,7 +712,7 @@ impl Backend for StreamBackend {
                     return Err(BackendError::Dropped("frame larger than receive buffer"));
                 }
                 Some(RxEvent::BadLength { peer, len }) => {
-                    self.count_drop(DropKind::RxBadLength);
+                    self.counts.dropped(DropKind::RxBadLength);
                     // A hub peer could reconnect and repeat this at will: limit the lines.
                     if self.log.allow().is_some() {
                         log::error!(
@@ -772,17 +735,10 @@ impl Backend for StreamBackend {
     }
 
     fn counters(&self) -> BackendCounters {
-        BackendCounters {
-            tx_frames: self.tx_frames,
-            tx_bytes: self.tx_bytes,
-            rx_frames: self.rx_frames,
-            rx_bytes: self.rx_bytes,
-            drops: DROP_KINDS.iter().zip(self.drops).map(|((_, name), n)| (*name, n)).collect(),
-            gauges: vec![
-                ("peers", self.peers.open_count() as u64),
-                ("refused_peers", self.refused_peers),
-            ],
-        }
+        self.counts.report(vec![
+            ("peers", self.peers.open_count() as u64),
+            ("refused_peers", self.refused_peers),
+        ])
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::testutil::{eth_frame, pump_until, recv_until};
+use crate::testutil::{drop_count, eth_frame, gauge, pump_until, recv_until};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -39,14 +39,6 @@ fn tcp_listener() -> (StreamBackend, String) {
     let backend = StreamBackend::new(&listen_cfg("127.0.0.1:0"), mac(1)).unwrap();
     let addr = backend.local_addr().unwrap().to_string();
     (backend, addr)
-}
-
-fn drop_count(b: &dyn Backend, name: &str) -> u64 {
-    b.counters().drops.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
-}
-
-fn gauge(b: &dyn Backend, name: &str) -> u64 {
-    b.counters().gauges.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
 }
 
 /// Sends `f` on `from` and checks `to` receives exactly it.

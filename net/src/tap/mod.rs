@@ -37,35 +37,27 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::backend::{Backend, BackendCounters, BackendError, Offloads, VnetHdr, MAX_FRAME_LEN};
+use crate::counters::{drop_reasons, LinkCounters};
 use crate::log_limit::LogLimiter;
 use crate::mac::MacAddr;
 use crate::warn_limited;
-
 
 /// Name pattern for taps created without a configured name; the kernel fills in `%d`.
 pub const DEFAULT_IFNAME_PATTERN: &str = "tapir%d";
 
 /// `"backend": {"type": "tap", ...}` in the VM config.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TapConfig {
     /// An existing tap to attach to, or the name of the tap to create. Without it (and
     /// without `fd`), tapir creates `tapir0`, `tapir1`, ...
-    #[serde(default)]
     pub ifname: Option<String>,
     /// An already-open tap fd handed over by a launcher (tapir takes ownership).
-    #[serde(default)]
     pub fd: Option<i32>,
     /// An existing bridge to attach the tap to.
-    #[serde(default)]
     pub bridge: Option<String>,
     /// Carry virtio-net headers (and with them checksum/TSO offloads) through the tap.
-    #[serde(default = "default_true")]
     pub vnet_hdr: bool,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 impl Default for TapConfig {
@@ -158,31 +150,20 @@ impl TapConfig {
     }
 }
 
-/// The drops a tap counts, in the order `counters()` reports them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DropKind {
-    TapGone,
-    TapDown,
-    TxRejected,
-    TxError,
-    TxTooLarge,
-    TxOffloadWithoutVnetHdr,
-    RxError,
-    RxTooLargeForBuffer,
-    RxRunt,
+drop_reasons! {
+    /// The drops a tap counts, in the order `counters()` reports them.
+    enum DropKind {
+        TapGone => "tap_gone",
+        TapDown => "tap_down",
+        TxRejected => "tx_rejected_by_kernel",
+        TxError => "tx_error",
+        TxTooLarge => "tx_too_large",
+        TxOffloadWithoutVnetHdr => "tx_offload_without_vnet_hdr",
+        RxError => "rx_error",
+        RxTooLargeForBuffer => "rx_too_large_for_buffer",
+        RxRunt => "rx_runt",
+    }
 }
-
-const DROP_KINDS: [(DropKind, &str); 9] = [
-    (DropKind::TapGone, "tap_gone"),
-    (DropKind::TapDown, "tap_down"),
-    (DropKind::TxRejected, "tx_rejected_by_kernel"),
-    (DropKind::TxError, "tx_error"),
-    (DropKind::TxTooLarge, "tx_too_large"),
-    (DropKind::TxOffloadWithoutVnetHdr, "tx_offload_without_vnet_hdr"),
-    (DropKind::RxError, "rx_error"),
-    (DropKind::RxTooLargeForBuffer, "rx_too_large_for_buffer"),
-    (DropKind::RxRunt, "rx_runt"),
-];
 
 pub struct Tap {
     /// The tap fd; once the tap is gone, a silent eventfd under the same number.
@@ -195,11 +176,7 @@ pub struct Tap {
     supported: Offloads,
     rx_offloads: Offloads,
     gone: bool,
-    tx_frames: u64,
-    tx_bytes: u64,
-    rx_frames: u64,
-    rx_bytes: u64,
-    drops: [u64; DROP_KINDS.len()],
+    counts: LinkCounters<DropKind>,
     log: LogLimiter,
     /// Receive buffer for callers whose buffer is shorter than `MAX_FRAME_LEN`: a short
     /// read from a tap loses the frame, so the read always has room for the largest one.
@@ -260,11 +237,7 @@ impl Tap {
             supported,
             rx_offloads: Offloads::NONE,
             gone: false,
-            tx_frames: 0,
-            tx_bytes: 0,
-            rx_frames: 0,
-            rx_bytes: 0,
-            drops: [0; DROP_KINDS.len()],
+            counts: LinkCounters::new(),
             log: LogLimiter::default_rate(),
             scratch: Vec::new(),
         })
@@ -290,12 +263,6 @@ impl Tap {
         self.rx_offloads
     }
 
-    fn count_drop(&mut self, kind: DropKind) {
-        if let Some(i) = DROP_KINDS.iter().position(|(k, _)| *k == kind) {
-            self.drops[i] += 1;
-        }
-    }
-
     /// The tap was deleted (`ip link del`): log once, go link-down, and stop the poll fd
     /// from reporting POLLERR forever.
     fn mark_gone(&mut self, err: io::Error) -> BackendError {
@@ -305,7 +272,7 @@ impl Tap {
             self.ifname
         );
         self.gone = true;
-        match sys::silent_eventfd() {
+        match crate::sys::EventFd::new() {
             Ok(silent) => {
                 if let Err(e) = sys::replace_fd(silent.as_fd(), self.fd.as_raw_fd()) {
                     log::error!("tap {}: cannot retire its fd: {e}", self.ifname);
@@ -319,17 +286,17 @@ impl Tap {
     fn send_error(&mut self, err: io::Error) -> BackendError {
         match err.raw_os_error() {
             Some(libc::EBADFD) => {
-                self.count_drop(DropKind::TapGone);
+                self.counts.dropped(DropKind::TapGone);
                 self.mark_gone(err)
             }
             Some(libc::EAGAIN) => BackendError::WouldBlock,
             Some(libc::EIO) => {
-                self.count_drop(DropKind::TapDown);
+                self.counts.dropped(DropKind::TapDown);
                 warn_limited!(self.log, "tap {}: interface is down; frame dropped", self.ifname);
                 BackendError::Dropped("tap interface is down")
             }
             Some(libc::EINVAL) => {
-                self.count_drop(DropKind::TxRejected);
+                self.counts.dropped(DropKind::TxRejected);
                 warn_limited!(
                     self.log,
                     "tap {}: kernel rejected a frame (bad offload header?)",
@@ -338,7 +305,7 @@ impl Tap {
                 BackendError::Dropped("tap rejected the frame")
             }
             _ => {
-                self.count_drop(DropKind::TxError);
+                self.counts.dropped(DropKind::TxError);
                 warn_limited!(self.log, "tap {}: write failed: {err}", self.ifname);
                 BackendError::Dropped("tap write failed")
             }
@@ -349,10 +316,10 @@ impl Tap {
         let raw = self.fd.as_raw_fd();
         let target: &mut [u8] = if into_scratch { &mut self.scratch } else { buf };
         if !self.vnet_hdr {
-            return sys::read(raw, target).map(|n| (VnetHdr::default(), n));
+            return crate::sys::read(raw, target).map(|n| (VnetHdr::default(), n));
         }
         let mut hdr_bytes = [0u8; VnetHdr::LEN];
-        let n = sys::readv2(raw, &mut hdr_bytes, target)?;
+        let n = crate::sys::readv2(raw, &mut hdr_bytes, target)?;
         if n < VnetHdr::LEN {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short virtio-net header"));
         }
@@ -658,24 +625,24 @@ impl Backend for Tap {
 
     fn send(&mut self, hdr: &VnetHdr, frame: &[u8]) -> Result<(), BackendError> {
         if self.gone {
-            self.count_drop(DropKind::TapGone);
+            self.counts.dropped(DropKind::TapGone);
             return Err(BackendError::Dropped("tap is gone"));
         }
         if frame.len() > MAX_FRAME_LEN {
-            self.count_drop(DropKind::TxTooLarge);
+            self.counts.dropped(DropKind::TxTooLarge);
             return Err(BackendError::Dropped("frame larger than MAX_FRAME_LEN"));
         }
         if !self.vnet_hdr && !hdr.is_plain() {
-            self.count_drop(DropKind::TxOffloadWithoutVnetHdr);
+            self.counts.dropped(DropKind::TxOffloadWithoutVnetHdr);
             return Err(BackendError::Dropped("offloaded frame on a tap without vnet_hdr"));
         }
         let raw = self.fd.as_raw_fd();
         let result = loop {
             let r = if self.vnet_hdr {
                 let hdr = VnetHdr { num_buffers: 0, ..*hdr };
-                sys::writev2(raw, &hdr.to_bytes(), frame)
+                crate::sys::writev2(raw, &hdr.to_bytes(), frame)
             } else {
-                sys::write(raw, frame)
+                crate::sys::write(raw, frame)
             };
             match r {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -685,8 +652,7 @@ impl Backend for Tap {
         match result {
             Ok(_) => {
                 // A tap takes a frame whole or not at all.
-                self.tx_frames += 1;
-                self.tx_bytes += frame.len() as u64;
+                self.counts.sent(frame.len());
                 Ok(())
             }
             Err(e) => Err(self.send_error(e)),
@@ -712,24 +678,23 @@ impl Backend for Tap {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::EBADFD) => return Err(self.mark_gone(e)),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                self.count_drop(DropKind::RxRunt);
+                self.counts.dropped(DropKind::RxRunt);
                 return Err(BackendError::Dropped("tap frame shorter than its header"));
             }
             Err(e) => {
-                self.count_drop(DropKind::RxError);
+                self.counts.dropped(DropKind::RxError);
                 warn_limited!(self.log, "tap {}: read failed: {e}", self.ifname);
                 return Err(BackendError::Dropped("tap read failed"));
             }
         };
         if into_scratch {
             let Some(dst) = buf.get_mut(..len) else {
-                self.count_drop(DropKind::RxTooLargeForBuffer);
+                self.counts.dropped(DropKind::RxTooLargeForBuffer);
                 return Err(BackendError::Dropped("frame larger than receive buffer"));
             };
             dst.copy_from_slice(self.scratch.get(..len).unwrap_or(&[]));
         }
-        self.rx_frames += 1;
-        self.rx_bytes += len as u64;
+        self.counts.received(len);
         Ok(Some((hdr, len)))
     }
 
@@ -738,14 +703,7 @@ impl Backend for Tap {
     }
 
     fn counters(&self) -> BackendCounters {
-        BackendCounters {
-            tx_frames: self.tx_frames,
-            tx_bytes: self.tx_bytes,
-            rx_frames: self.rx_frames,
-            rx_bytes: self.rx_bytes,
-            drops: DROP_KINDS.iter().zip(self.drops).map(|((_, name), n)| (*name, n)).collect(),
-            gauges: vec![("tap_gone", u64::from(self.gone))],
-        }
+        self.counts.report(vec![("tap_gone", u64::from(self.gone))])
     }
 }
 

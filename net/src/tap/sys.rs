@@ -1,5 +1,6 @@
-//! Raw tun/tap and interface ioctls. Every unsafe block in the tap backend lives here,
-//! behind functions that take owned or borrowed fds and plain Rust values.
+//! Raw tun/tap and interface ioctls. Every unsafe block in the tap backend lives here or
+//! in the crate's shared `sys`, behind functions that take owned or borrowed fds and
+//! plain Rust values.
 
 use std::ffi::CStr;
 use std::io;
@@ -147,17 +148,6 @@ pub fn make_nonblocking_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// An eventfd nobody ever writes to: it never polls readable.
-pub fn silent_eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Atomically replaces the file behind `target` with the one behind `source`, keeping the
 /// number `target` (which a frontend may have registered with epoll) valid.
 pub fn replace_fd(source: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
@@ -194,13 +184,7 @@ pub struct ControlSocket(OwnedFd);
 
 impl ControlSocket {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain socket(2) call; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nobody else.
-        Ok(ControlSocket(unsafe { OwnedFd::from_raw_fd(fd) }))
+        crate::sys::socket(libc::SOCK_DGRAM, 0).map(ControlSocket)
     }
 
     pub fn flags(&self, ifname: &str) -> io::Result<c_short> {
@@ -267,50 +251,4 @@ impl ControlSocket {
         unsafe { siocbraddif(self.0.as_raw_fd(), &ifr) }.map_err(errno_to_io)?;
         Ok(())
     }
-}
-
-/// Writes `a` then `b` in one writev.
-pub fn writev2(fd: RawFd, a: &[u8], b: &[u8]) -> io::Result<usize> {
-    let iov = [
-        libc::iovec { iov_base: a.as_ptr() as *mut libc::c_void, iov_len: a.len() },
-        libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() },
-    ];
-    // SAFETY: both iovecs describe live, readable slices for the duration of the call.
-    let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-/// Reads into `a` then `b` in one readv.
-pub fn readv2(fd: RawFd, a: &mut [u8], b: &mut [u8]) -> io::Result<usize> {
-    let iov = [
-        libc::iovec { iov_base: a.as_mut_ptr() as *mut libc::c_void, iov_len: a.len() },
-        libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: b.len() },
-    ];
-    // SAFETY: both iovecs describe live, writable, non-overlapping slices.
-    let n = unsafe { libc::readv(fd, iov.as_ptr(), 2) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-pub fn write(fd: RawFd, data: &[u8]) -> io::Result<usize> {
-    // SAFETY: `data` is a live, readable slice.
-    let n = unsafe { libc::write(fd, data.as_ptr() as *const libc::c_void, data.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is a live, writable slice.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
 }

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, IntoRawFd};
 use std::time::Duration;
 
 use super::*;
-use crate::testutil::{eth_frame, recv_until, NetNs};
+use crate::testutil::{drop_count, eth_frame, recv_until, NetNs};
 
 const WAIT: Duration = Duration::from_secs(5);
 const GUEST_MAC: MacAddr = MacAddr([0x02, 0x54, 0x00, 0x12, 0x34, 0x01]);
@@ -178,10 +178,6 @@ fn tap_with_address(ns: &NetNs, ifname: &str) -> Tap {
         ifname,
     ]);
     tap
-}
-
-fn drop_count(b: &dyn Backend, name: &str) -> u64 {
-    b.counters().drops.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c)
 }
 
 /// Resolves the host side's MAC the way a guest would: ARP.
