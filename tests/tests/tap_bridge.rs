@@ -94,7 +94,7 @@ ip netns exec {NETNS} {gamma} & C=$!
 # The host side reaches every guest while they run (one prober per guest, so a guest
 # that finishes early is not missed).
 for ip in 10.10.0.2 10.10.0.3 10.10.0.4; do
-  ( i=0; until ip netns exec {NETNS} ping -c1 -W1 $ip >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 300 ] && exit 1; done
+  ( i=0; until ip netns exec {NETNS} ping -c1 -W1 $ip >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 300 ] && exit 1; sleep 0.5; done
     echo HOST-PINGED-$ip ) &
 done
 i=0; until [ "$(ip -n {NETNS} link show master br0 | grep -c 'state UP')" = 3 ]; do i=$((i+1)); [ $i -gt 300 ] && break; sleep 1; done
