@@ -24,10 +24,15 @@ WORK=$(mktemp -d /tmp/tapir-nat-bench.XXXXXX)
 ENGINE_PID=""
 SERVER_PIDS=()
 
-for tool in ip iperf3 sockperf slirp4netns pasta python3; do
-    command -v "$tool" >/dev/null || { echo "nat.sh: missing $tool" >&2; exit 1; }
-done
 [ "$(id -u)" = 0 ] || { echo "nat.sh: needs root (network namespaces, taps)" >&2; exit 1; }
+missing=()
+for pkg in iproute2:ip iperf3:iperf3 sockperf:sockperf slirp4netns:slirp4netns passt:pasta python3:python3; do
+    command -v "${pkg#*:}" >/dev/null || missing+=("${pkg%%:*}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "nat.sh: installing ${missing[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 
 (cd "$ROOT" && cargo build --release -q -p tapir-net --bin tapir-nat-bench)
 BIN=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
