@@ -14,8 +14,9 @@ use crate::{guest_images, runner_dir, tapir_binary, GuestImages, Mode, RunOutcom
 /// stale XSAVE size (the guest warns "XSAVE consistency problem") and context-switches
 /// AVX state with the wrong XCR0, which corrupts concurrently running guests and made
 /// them triple-fault at random. `noxsave` keeps guests on FXSAVE. Hardware KVM does not
-/// need it.
-pub const NESTED_GUEST_CMDLINE: &str = "noxsave";
+/// need it. The rest only saves emulated CPU time: speculation mitigations and the
+/// crypto self-tests cost seconds of boot under TCG.
+pub const NESTED_GUEST_CMDLINE: &str = "noxsave mitigations=off cryptomgr.notests";
 
 /// Extra guest kernel parameters for the runner mode of this host.
 pub fn guest_cmdline_for(mode: Mode) -> &'static str {
