@@ -76,6 +76,44 @@ pub fn readv2(fd: RawFd, a: &mut [u8], b: &mut [u8]) -> io::Result<usize> {
     cvt_size(unsafe { libc::readv(fd, iov.as_ptr(), 2) })
 }
 
+/// Peeks at a stream socket's receive queue into `skip` and then `buf` (MSG_PEEK, never
+/// blocks). Returns the total; the first `skip.len()` bytes are for the caller to ignore.
+/// This is how data past what was already sent is read on kernels whose TCP has no
+/// SO_PEEK_OFF (before Linux 6.9).
+pub fn recv_peek_past(fd: RawFd, skip: &mut [u8], buf: &mut [u8]) -> io::Result<usize> {
+    let mut iov = [
+        libc::iovec { iov_base: skip.as_mut_ptr() as *mut libc::c_void, iov_len: skip.len() },
+        libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() },
+    ];
+    // SAFETY: an all-zero msghdr is valid; we point it at the two live iovecs.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = 2;
+    retry_eintr(|| {
+        // SAFETY: both iovecs describe live, writable, non-overlapping slices.
+        cvt_size(unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) })
+    })
+}
+
+/// Makes `tcp_peek_offset_supported` answer false, so tests cover the path older kernels
+/// take on any host.
+pub static FORCE_NO_TCP_PEEK_OFFSET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this kernel's TCP supports SO_PEEK_OFF (Linux 6.9 and later). Probed once.
+pub fn tcp_peek_offset_supported() -> bool {
+    if FORCE_NO_TCP_PEEK_OFFSET.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| match socket(libc::SOCK_STREAM, 0) {
+        Ok(sock) => {
+            use std::os::fd::AsRawFd;
+            setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_ok()
+        }
+        Err(_) => false,
+    })
+}
+
 /// Writes `a` then `b` in one writev.
 pub fn writev2(fd: RawFd, a: &[u8], b: &[u8]) -> io::Result<usize> {
     let iov = [

@@ -88,6 +88,8 @@ pub struct Engine {
     pub fwd: Forwarders,
     /// Scratch buffer for datagrams read from host sockets.
     pub scratch: Vec<u8>,
+    /// Where in-flight TCP bytes are peeked to on kernels without SO_PEEK_OFF for TCP.
+    pub tcp_peek_skip: Vec<u8>,
     events: Vec<libc::epoll_event>,
     frames_since_poll: u32,
 }
@@ -110,6 +112,7 @@ impl Engine {
         // Locally administered, derived from the gateway address so it is stable.
         let gw_mac = MacAddr([0x52, 0x55, h[0], h[1], h[2], h[3]]);
         Ok(Engine {
+            tcp_peek_skip: Vec::new(),
             dhcp: DhcpServer::new(&p),
             gw_mac,
             guest_mac: None,

@@ -56,6 +56,9 @@ pub enum TcpState {
 pub struct TcpFlow {
     key: TcpKey,
     sock: OwnedFd,
+    /// The socket peeks from an offset (SO_PEEK_OFF); otherwise every peek skips the
+    /// in-flight bytes itself. Fixed when the flow is created.
+    peek_offset: bool,
     state: TcpState,
     guest_mac: MacAddr,
     created: Instant,
@@ -112,6 +115,7 @@ impl TcpFlow {
         TcpFlow {
             key,
             sock,
+            peek_offset: sys::tcp_peek_offset_supported(),
             state,
             guest_mac,
             created: now,
@@ -188,6 +192,9 @@ impl TcpFlow {
         }
     }
 }
+
+/// Without SO_PEEK_OFF, the most in-flight data we peek past to reach new bytes.
+const MAX_PEEK_SKIP: usize = 16 << 20;
 
 #[derive(Default)]
 pub struct TcpTable {
@@ -439,7 +446,8 @@ impl Engine {
         };
         let fd = sock.as_raw_fd();
         let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
-        if sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_err() {
+        let peek_offset = sys::tcp_peek_offset_supported();
+        if peek_offset && sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_err() {
             self.counters.drop(DropReason::SocketError);
             return self.tcp_rst_reply(guest_mac, ip, seg);
         }
@@ -456,6 +464,7 @@ impl Engine {
             guest_ws: opts.window_scale.unwrap_or(0),
             ws_ok: opts.window_scale.is_some(),
             rcv_nxt: seg.seq().wrapping_add(1),
+            peek_offset,
             ..TcpFlow::new(key, sock, TcpState::Connecting, guest_mac, isn, mss, self.now)
         };
         let Some(h) = self.tcp_add_half_open(flow) else {
@@ -625,7 +634,8 @@ impl Engine {
     /// Resends everything unacknowledged by rewinding the peek offset.
     fn tcp_rewind(&mut self, h: Handle) {
         let Some(f) = self.tcp.flows.get_mut(h) else { return };
-        if sys::setsockopt_int(f.fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_err() {
+        // Without SO_PEEK_OFF every peek starts at snd_una anyway.
+        if f.peek_offset && sys::setsockopt_int(f.fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_err() {
             return self.tcp_close(h, true, true);
         }
         f.snd_nxt = f.snd_una;
@@ -809,7 +819,28 @@ impl Engine {
         if want == 0 {
             return None;
         }
-        let n = match sys::recv(f.fd(), &mut buf[HDRS..HDRS + want], libc::MSG_PEEK) {
+        let peeked = if f.peek_offset {
+            sys::recv(f.fd(), &mut buf[HDRS..HDRS + want], libc::MSG_PEEK)
+        } else {
+            // Peek past the bytes already in flight into a scratch area.
+            let skip = f.inflight() as usize;
+            if skip > MAX_PEEK_SKIP {
+                return None;
+            }
+            if self.tcp_peek_skip.len() < skip {
+                self.tcp_peek_skip.resize(skip, 0);
+            }
+            match sys::recv_peek_past(f.fd(), &mut self.tcp_peek_skip[..skip], &mut buf[HDRS..HDRS + want]) {
+                Ok(total) if total > 0 && total <= skip && !f.host_rdhup => {
+                    // Only bytes the guest already has: wait for more.
+                    f.host_readable = false;
+                    return None;
+                }
+                Ok(total) => Ok(total.saturating_sub(skip)),
+                Err(e) => Err(e),
+            }
+        };
+        let n = match peeked {
             Ok(n) => n,
             Err(e) if sys::would_block(&e) => {
                 f.host_readable = false;
@@ -884,14 +915,18 @@ impl Engine {
             return;
         }
         let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
-        if sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_err() {
+        let peek_offset = sys::tcp_peek_offset_supported();
+        if peek_offset && sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).is_err() {
             self.counters.drop(DropReason::SocketError);
             return;
         }
         let isn = self.tcp.next_isn();
         let mss = self.p.mtu as usize - 40;
         let guest_mac = self.guest_mac.unwrap_or(MacAddr::BROADCAST);
-        let flow = TcpFlow::new(key, sock, TcpState::SynSent, guest_mac, isn, mss, self.now);
+        let flow = TcpFlow {
+            peek_offset,
+            ..TcpFlow::new(key, sock, TcpState::SynSent, guest_mac, isn, mss, self.now)
+        };
         if let Some(h) = self.tcp_add_half_open(flow) {
             self.tcp_send_syn(h);
         }
