@@ -29,6 +29,8 @@ mod tx;
 mod worker;
 
 #[cfg(test)]
+mod tap_tests;
+#[cfg(test)]
 mod test_driver;
 #[cfg(test)]
 mod tests;

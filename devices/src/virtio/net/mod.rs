@@ -14,6 +14,8 @@ mod tx;
 mod worker;
 
 #[cfg(test)]
+mod tap_tests;
+#[cfg(test)]
 mod tests;
 
 use std::io;
