@@ -161,12 +161,14 @@ impl Worker {
                 }
                 continue;
             }
-            if self.shared.stop.load(Ordering::Acquire) {
-                break;
-            }
             if fds[0].revents != 0 {
                 // Non-blocking; an empty read only means another wake-up raced us.
                 let _ = self.shared.kick.read();
+            }
+            // Checked after consuming the kick: a stop request that raced the read has
+            // its flag visible here, so no wake-up is lost.
+            if self.shared.stop.load(Ordering::Acquire) {
+                break;
             }
             if fds[1].revents != 0 {
                 let mut state = self.shared.lock();
