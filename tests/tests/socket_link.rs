@@ -74,12 +74,10 @@ exit 0
 ip link set eth0 up
 ip addr add 10.40.0.2/24 dev eth0
 ip route add default via 10.40.0.1
-# busybox-static's wget crashes in glibc's resolver set-up when /etc/resolv.conf is
-# missing (udhcpc writes it on the other guests), even for an IP-literal URL.
-echo "nameserver 10.0.2.3" > /etc/resolv.conf
 i=0; until ping -c1 -W1 10.40.0.1 >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && exit 2; done
 echo ROUTER-REACHED
-i=0; until wget -q -T 5 -O /tmp/page http://10.0.2.2:8001/page.txt; do i=$((i+1)); [ $i -gt 10 ] && exit 3; sleep 1; done
+# Not `wget -T`: Debian's busybox 1.35 wget segfaults with it; `timeout` bounds it.
+i=0; until timeout 15 wget -q -O /tmp/page http://10.0.2.2:8001/page.txt; do i=$((i+1)); [ $i -gt 10 ] && exit 3; sleep 1; done
 echo "FETCHED=$(cat /tmp/page)"
 exit 0
 "#;
