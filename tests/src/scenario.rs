@@ -14,9 +14,11 @@ use crate::{guest_images, runner_dir, tapir_binary, GuestImages, Mode, RunOutcom
 /// stale XSAVE size (the guest warns "XSAVE consistency problem") and context-switches
 /// AVX state with the wrong XCR0, which corrupts concurrently running guests and made
 /// them triple-fault at random. `noxsave` keeps guests on FXSAVE. Hardware KVM does not
-/// need it. The rest only saves emulated CPU time: speculation mitigations and the
-/// crypto self-tests cost seconds of boot under TCG.
-pub const NESTED_GUEST_CMDLINE: &str = "noxsave mitigations=off cryptomgr.notests";
+/// need it. `no_timer_check` and `tsc=reliable`: a guest starved of emulated CPU by its
+/// neighbours can miss the timer-IRQ check's deadline and panic before its console is up.
+/// The rest only saves emulated CPU time: speculation mitigations and the crypto
+/// self-tests cost seconds of boot under TCG.
+pub const NESTED_GUEST_CMDLINE: &str = "noxsave no_timer_check tsc=reliable mitigations=off cryptomgr.notests";
 
 /// Extra guest kernel parameters for the runner mode of this host.
 pub fn guest_cmdline_for(mode: Mode) -> &'static str {
