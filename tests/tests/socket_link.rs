@@ -27,7 +27,7 @@ fn ping_all(me: &str, peers: &[&str]) -> String {
 }
 
 #[test]
-#[ignore = "several concurrent guests in the emulated nested runner are flaky (guests stall or crash under TCG-emulated SVM); run with --ignored, always on hardware KVM"]
+#[ignore = "several concurrent guests in the emulated nested runner stall or crash at random (TCG-emulated SVM); run with `cargo test -- --ignored`"]
 fn socket_links_connect_guests_without_root() {
     let mut s = Scenario::new("socket").expect("scenario");
     s.guest(

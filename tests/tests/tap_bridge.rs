@@ -32,7 +32,7 @@ wait_for 10.10.0.1 && ping -c2 10.10.0.1 >/dev/null && echo PING-HOST-OK
 "#;
 
 #[test]
-#[ignore = "several concurrent guests in the emulated nested runner are flaky (guests stall or crash under TCG-emulated SVM); run with --ignored, always on hardware KVM"]
+#[ignore = "several concurrent guests in the emulated nested runner stall or crash at random (TCG-emulated SVM); run with `cargo test -- --ignored`"]
 fn guests_on_a_bridge_ping_and_transfer_intact() {
     let mut s = Scenario::new("bridge").expect("scenario");
     let alpha = format!(
