@@ -337,7 +337,7 @@ fn run_nested(
         .arg(&images.outer_initramfs)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 mitigations=off tapir.script={script}"
+            "console=ttyS0 quiet panic=-1 tapir.script={script}"
         ))
         // multidevs=remap: / spans several host filesystems; keep their inodes apart.
         .args([
