@@ -16,7 +16,7 @@ const MCAST_NETNS: &str = "tapir-e2e-mcast";
 fn ping_all(me: &str, peers: &[&str]) -> String {
     let mut s = format!(
         "ip link set eth0 up\nip addr add {me}/24 dev eth0\n\
-         wait_for() {{ i=0; until ping -c1 -W1 \"$1\" >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && return 1; done; }}\n"
+         wait_for() {{ i=0; until ping -c1 -W1 \"$1\" >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && return 1; sleep 1; done; }}\n"
     );
     for p in peers {
         s.push_str(&format!("wait_for {p} && echo REACHED-{p}\n"));
@@ -57,7 +57,7 @@ ip link set eth1 up
 ip addr add 10.40.0.1/24 dev eth1
 echo 1 > /proc/sys/net/ipv4/ip_forward
 echo FORWARDING
-i=0; until ping -c1 -W1 10.40.0.2 >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && exit 2; done
+i=0; until ping -c1 -W1 10.40.0.2 >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && exit 2; sleep 1; done
 echo CLIENT-REACHED
 # Keep routing until the client VM is gone (its end of the hub link closes).
 while ping -c1 -W3 10.40.0.2 >/dev/null 2>&1; do sleep 2; done
@@ -75,7 +75,7 @@ exit 0
 ip link set eth0 up
 ip addr add 10.40.0.2/24 dev eth0
 ip route add default via 10.40.0.1
-i=0; until ping -c1 -W1 10.40.0.1 >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && exit 2; done
+i=0; until ping -c1 -W1 10.40.0.1 >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && exit 2; sleep 1; done
 echo ROUTER-REACHED
 # Not `wget -T`: Debian's busybox 1.35 wget segfaults with it; `timeout` bounds it.
 i=0; until timeout 15 wget -q -O /tmp/page http://10.0.2.2:8001/page.txt; do i=$((i+1)); [ $i -gt 10 ] && exit 3; sleep 1; done

@@ -27,7 +27,7 @@ ip link set eth0 up
 ip addr add "$ME/24" dev eth0
 echo "MAC=$(cat /sys/class/net/eth0/address)"
 echo "DRIVER=$(basename $(readlink /sys/class/net/eth0/device/driver))"
-wait_for() { i=0; until ping -c1 -W1 "$1" >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 90 ] && return 1; done; }
+wait_for() { i=0; until ping -c1 -W1 "$1" >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 90 ] && return 1; sleep 1; done; }
 wait_for 10.10.0.1 && ping -c2 10.10.0.1 >/dev/null && echo PING-HOST-OK
 "#;
 
