@@ -9,9 +9,8 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::capture::{run_captured, CaptureEnd};
 use crate::paths::{cargo_target_dir, repo_root};
-use crate::runner::{output_tail, RunnerError};
+use crate::runner::{run_build_step, RunnerError};
 
 /// A cold release build of the workspace on a busy 2-core machine.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -42,29 +41,9 @@ pub fn tapir_binary() -> Result<PathBuf, RunnerError> {
     command
         .current_dir(repo_root())
         .args(["build", "--release", "-p", "tapir"]);
-    let capture =
-        run_captured(command, BUILD_TIMEOUT, &|_| false, Duration::ZERO).map_err(|source| {
-            RunnerError::Io {
-                what: "running cargo build -p tapir".into(),
-                source,
-            }
-        })?;
-    let text = String::from_utf8_lossy(&capture.output);
-    match capture.end {
-        CaptureEnd::Exited(status) if status.success() => {}
-        CaptureEnd::Exited(status) => {
-            return Err(RunnerError::TapirBuild {
-                status: status.to_string(),
-                tail: output_tail(&text),
-            })
-        }
-        _ => {
-            return Err(RunnerError::TapirBuild {
-                status: format!("timed out after {BUILD_TIMEOUT:?}"),
-                tail: output_tail(&text),
-            })
-        }
-    }
+    run_build_step(command, "cargo build -p tapir", BUILD_TIMEOUT, |status, tail| {
+        RunnerError::TapirBuild { status, tail }
+    })?;
     let path = cargo_target_dir().join("release").join("tapir");
     if !path.is_file() {
         return Err(RunnerError::Setup(format!(

@@ -6,9 +6,8 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::capture::{run_captured, CaptureEnd};
 use crate::paths::repo_root;
-use crate::runner::{output_tail, RunnerError};
+use crate::runner::{run_build_step, RunnerError};
 
 /// Downloading the 70 MB kernel package and unpacking it takes well under this.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -55,29 +54,9 @@ pub fn guest_images() -> Result<GuestImages, RunnerError> {
     let dir = images_dir();
     let mut command = Command::new(repo_root().join("resources/guest/build.sh"));
     command.env("TAPIR_GUEST_DIR", &dir);
-    let capture =
-        run_captured(command, BUILD_TIMEOUT, &|_| false, Duration::ZERO).map_err(|source| {
-            RunnerError::Io {
-                what: "running resources/guest/build.sh".into(),
-                source,
-            }
-        })?;
-    let text = String::from_utf8_lossy(&capture.output);
-    match capture.end {
-        CaptureEnd::Exited(status) if status.success() => {}
-        CaptureEnd::Exited(status) => {
-            return Err(RunnerError::ImageBuild {
-                status: status.to_string(),
-                tail: output_tail(&text),
-            })
-        }
-        _ => {
-            return Err(RunnerError::ImageBuild {
-                status: format!("timed out after {BUILD_TIMEOUT:?}"),
-                tail: output_tail(&text),
-            })
-        }
-    }
+    run_build_step(command, "resources/guest/build.sh", BUILD_TIMEOUT, |status, tail| {
+        RunnerError::ImageBuild { status, tail }
+    })?;
     let kernel_release = std::fs::read_to_string(dir.join("kernel-release"))
         .map_err(|source| RunnerError::Io {
             what: format!("reading {}/kernel-release", dir.display()),

@@ -419,6 +419,24 @@ pub(crate) fn script_output(console: &str) -> String {
 }
 
 /// The last lines of `text`, for error messages.
+/// Runs a build step (cargo, build.sh) to completion. A failed or timed-out step becomes
+/// the error `failed` makes from a status description and the output's tail.
+pub(crate) fn run_build_step(
+    command: Command,
+    what: &str,
+    timeout: Duration,
+    failed: fn(String, String) -> RunnerError,
+) -> Result<(), RunnerError> {
+    let capture = run_captured(command, timeout, &|_| false, Duration::ZERO)
+        .map_err(|source| RunnerError::Io { what: format!("running {what}"), source })?;
+    let text = String::from_utf8_lossy(&capture.output);
+    match capture.end {
+        CaptureEnd::Exited(status) if status.success() => Ok(()),
+        CaptureEnd::Exited(status) => Err(failed(status.to_string(), output_tail(&text))),
+        _ => Err(failed(format!("timed out after {timeout:?}"), output_tail(&text))),
+    }
+}
+
 pub(crate) fn output_tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines
