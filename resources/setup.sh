@@ -6,7 +6,7 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-packages=(qemu-system-x86 busybox-static cpio xz-utils iproute2 python3 time)
+packages=(qemu-system-x86 busybox-static cpio xz-utils iproute2 iputils-ping python3 time)
 
 missing=()
 for p in "${packages[@]}"; do

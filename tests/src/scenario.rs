@@ -28,7 +28,43 @@ pub fn guest_cmdline_for(mode: Mode) -> &'static str {
     }
 }
 
+/// How often a nested scenario runs before its failure counts. See `emulator_failure`.
+const NESTED_ATTEMPTS: u32 = 5;
+/// In nested mode, a guest that has not reached its init by then is taken as stalled by
+/// the emulator. Concurrent guests reach init within about 30 s there.
+const NESTED_BOOT_DEADLINE_SECS: u32 = 180;
+/// What the outer kernel prints when it dies. Under TCG-emulated SVM it sometimes takes an
+/// interrupt between #VMEXIT and the VMLOAD of its own state (GIF is meant to hold it off),
+/// runs the handler on the guest's GS base and faults: "general protection fault" or
+/// "stack guard page", then "Kernel panic". Hardware never does this.
+const OUTER_KERNEL_CRASH: [&str; 4] =
+    ["Kernel panic - not syncing", "BUG: ", "general protection fault", "stack guard page"];
+const STALL_MARKER: &str = "TAPIR-SCENARIO-STALLED=";
+const EARLY_CRASH_MARKER: &str = "TAPIR-SCENARIO-CRASHED-BEFORE-INIT=";
+/// tapir's log line for a guest triple fault.
+const TRIPLE_FAULT: &str = "guest triple fault";
+const GUEST_READY_MARKER: &str = "TAPIR-GUEST-READY";
+
+/// Why a nested run failed for reasons outside tapir, if it did: the outer kernel crashed,
+/// or a guest never reached its init because it stalled or triple-faulted while its
+/// kernel booted. Both only happen with several guests at once in the emulated runner;
+/// the same kernel boots alone there every time, and on hardware KVM. `console` is the outer
+/// VM's console, or its tail from the runner's error.
+pub(crate) fn emulator_failure(console: &str) -> Option<String> {
+    if let Some(sign) = OUTER_KERNEL_CRASH.iter().find(|sign| console.contains(**sign)) {
+        return Some(format!("the outer kernel crashed ({sign:?} on its console)"));
+    }
+    console.lines().find_map(|line| {
+        if let Some((_, vm)) = line.split_once(STALL_MARKER) {
+            return Some(format!("guest {} did not reach its init within {NESTED_BOOT_DEADLINE_SECS} s", vm.trim()));
+        }
+        let (_, vm) = line.split_once(EARLY_CRASH_MARKER)?;
+        Some(format!("guest {} triple-faulted while its kernel booted, before its init ran", vm.trim()))
+    })
+}
+
 pub struct Scenario {
+    name: String,
     dir: PathBuf,
     tapir: PathBuf,
     images: GuestImages,
@@ -40,6 +76,8 @@ pub struct Scenario {
 pub struct ScenarioOutcome {
     pub outcome: RunOutcome,
     pub logs: BTreeMap<String, String>,
+    /// Runs it took; earlier ones hit an emulator failure (nested mode only).
+    pub attempts: u32,
 }
 
 impl ScenarioOutcome {
@@ -49,7 +87,7 @@ impl ScenarioOutcome {
 
     /// Everything, for assertion messages.
     pub fn dump(&self) -> String {
-        let mut s = format!("--- runner console ---\n{}\n", self.outcome.console);
+        let mut s = format!("--- runner console (attempt {}) ---\n{}\n", self.attempts, self.outcome.console);
         for (vm, log) in &self.logs {
             s.push_str(&format!("--- {vm} console ---\n{log}\n"));
         }
@@ -95,6 +133,34 @@ fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
 }
 
+/// The shell job behind `Scenario::stall_watchdog`: every `poll_secs`, for each guest
+/// (name, log path) whose log exists, starts its clock. When a log shows a triple fault
+/// before the ready marker, or `deadline_secs` have passed with neither the ready marker
+/// nor a tapir error in it, the job prints the matching marker, runs `stop` and ends.
+fn stall_watchdog_script(guests: &[(String, PathBuf)], deadline_secs: u32, poll_secs: u32, stop: &str) -> String {
+    let names: Vec<&str> = guests.iter().map(|(vm, _)| vm.as_str()).collect();
+    let logs: Vec<String> = guests.iter().map(|(_, log)| shell_quote(log)).collect();
+    format!(
+        r#"( while sleep {poll_secs}; do
+    now=$(date +%s); set -- {names}; i=0
+    for log in {logs}; do
+      vm=$1; shift; i=$((i + 1))
+      [ -e "$log" ] || continue
+      if grep -q '{TRIPLE_FAULT}' "$log" && ! grep -q {GUEST_READY_MARKER} "$log"; then
+        echo "{EARLY_CRASH_MARKER}$vm"; {stop}; exit 0
+      fi
+      eval "started=\${{started_$i:-}}"
+      [ -n "$started" ] || {{ eval "started_$i=$now"; continue; }}
+      [ $((now - started)) -ge {deadline_secs} ] || continue
+      grep -q -e {GUEST_READY_MARKER} -e '^tapir: error' "$log" && continue
+      echo "{STALL_MARKER}$vm"; {stop}; exit 0
+    done
+  done ) &"#,
+        names = names.join(" "),
+        logs = logs.join(" "),
+    )
+}
+
 impl Scenario {
     pub fn new(name: &str) -> Result<Scenario, RunnerError> {
         let images = guest_images()?;
@@ -103,7 +169,7 @@ impl Scenario {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| RunnerError::Setup(format!("{}: {e}", dir.display())))?;
         let mode = Mode::detect()?;
-        Ok(Scenario { dir, tapir, images, guests: Vec::new(), mode })
+        Ok(Scenario { name: name.to_string(), dir, tapir, images, guests: Vec::new(), mode })
     }
 
     pub fn dir(&self) -> &Path {
@@ -173,20 +239,123 @@ impl Scenario {
         &self.tapir
     }
 
+    fn log_path(&self, vm: &str) -> PathBuf {
+        self.dir.join(format!("{vm}.log"))
+    }
+
+    /// Runs `script`; `timeout` applies to each attempt. In nested mode, a run that the
+    /// emulator broke (see `emulator_failure`) is repeated, up to `NESTED_ATTEMPTS` runs,
+    /// and the broken run's guest logs are kept as `<vm>.attempt<N>.log`. Every guest the
+    /// script starts must reach its init.
     pub fn run(&self, script: &str, timeout: Duration) -> Result<ScenarioOutcome, RunnerError> {
-        let outcome = Runner::detect()?.run(script, timeout)?;
-        let mut logs = BTreeMap::new();
-        for vm in &self.guests {
-            let log = std::fs::read_to_string(self.dir.join(format!("{vm}.log"))).unwrap_or_default();
-            logs.insert(vm.clone(), log.replace("\r\n", "\n"));
+        let runner = Runner::detect()?;
+        let (script, attempts) = match self.mode {
+            Mode::Direct => (script.to_string(), 1),
+            Mode::Nested => (format!("{}\n{script}", self.stall_watchdog()), NESTED_ATTEMPTS),
+        };
+        let mut attempt = 1;
+        loop {
+            for vm in &self.guests {
+                let _ = std::fs::remove_file(self.log_path(vm));
+            }
+            let result = runner.run(&script, timeout);
+            let failure = match &result {
+                Ok(outcome) => emulator_failure(&outcome.console),
+                Err(RunnerError::Timeout { tail, .. } | RunnerError::NoStatus { tail, .. }) => emulator_failure(tail),
+                Err(_) => None,
+            };
+            match failure {
+                Some(reason) if self.mode == Mode::Nested && attempt < attempts => {
+                    eprintln!(
+                        "scenario {}: attempt {attempt} of {attempts} broke in the emulated nested runner: {reason}; running it again",
+                        self.name
+                    );
+                    for vm in &self.guests {
+                        let _ = std::fs::rename(self.log_path(vm), self.dir.join(format!("{vm}.attempt{attempt}.log")));
+                    }
+                    attempt += 1;
+                }
+                _ => {
+                    let outcome = result?;
+                    let mut logs = BTreeMap::new();
+                    for vm in &self.guests {
+                        let log = std::fs::read_to_string(self.log_path(vm)).unwrap_or_default();
+                        logs.insert(vm.clone(), log.replace("\r\n", "\n"));
+                    }
+                    return Ok(ScenarioOutcome { outcome, logs, attempts: attempt });
+                }
+            }
         }
-        Ok(ScenarioOutcome { outcome, logs })
+    }
+
+    /// A background job for the outer VM. It starts each guest's clock when its log
+    /// appears (scenarios may start guests in phases). When a guest triple-faults before
+    /// its init's ready marker, or runs for the boot deadline without that marker and
+    /// without tapir having stopped it, the job names the guest and stops every tapir process, so the run ends at once instead
+    /// of at the timeout. The outer VM runs nothing else, so stopping every tapir there is
+    /// safe.
+    fn stall_watchdog(&self) -> String {
+        let guests: Vec<(String, PathBuf)> = self.guests.iter().map(|vm| (vm.clone(), self.log_path(vm))).collect();
+        stall_watchdog_script(&guests, NESTED_BOOT_DEADLINE_SECS, 5, "pkill -x tapir")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outer_kernel_crashes_and_stalled_guests_are_emulator_failures() {
+        let crash = "[  134.6] BUG: TASK stack guard page was hit at 00000000\n[  134.7] Kernel panic - not syncing: Fatal exception";
+        assert!(emulator_failure(crash).is_some_and(|r| r.contains("outer kernel crashed")));
+        let stalled = "TAPIR-RUNNER-READY\nTAPIR-SCENARIO-STALLED=beta\nTAPIR-EXIT-beta=143\n";
+        assert_eq!(emulator_failure(stalled).as_deref(), Some("guest beta did not reach its init within 180 s"));
+        // A guest's own failure is tapir's to answer for, not the emulator's.
+        let guest_failed = "TAPIR-RUNNER-READY\nTAPIR-EXIT-alpha=7\nTAPIR-RUNNER-STATUS=1\n";
+        assert_eq!(emulator_failure(guest_failed), None);
+    }
+
+    #[test]
+    fn the_watchdog_names_guests_the_emulator_broke_and_spares_the_rest() {
+        let dir = std::env::temp_dir().join(format!("tapir-watchdog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = |vm: &str, text: &str| {
+            let path = dir.join(format!("{vm}.log"));
+            std::fs::write(&path, text).unwrap();
+            (vm.to_string(), path)
+        };
+        let guests = [
+            log("booted", "[ 0.1] ACPI\nTAPIR-GUEST-READY\n"),
+            log("refused", "tapir: error: nics[0].mac: bad\n"),
+            log("stalled", "[ 0.1] ACPI BIOS Error\n"),
+            (String::from("never-started"), dir.join("never-started.log")),
+        ];
+        let job = stall_watchdog_script(&guests, 1, 1, "echo STOPPED");
+        let out = std::process::Command::new("bash").arg("-c").arg(format!("{job}\nwait")).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            stdout,
+            "TAPIR-SCENARIO-STALLED=stalled\nSTOPPED\n",
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(emulator_failure(&stdout).as_deref(), Some("guest stalled did not reach its init within 180 s"));
+
+        // A triple fault before init counts at once; one after init is the test's to judge.
+        let guests = [
+            log("reset-later", "TAPIR-GUEST-READY\ntapir: error: vCPU 0 stopped: guest triple fault (KVM_EXIT_SHUTDOWN) at RIP 0xfff0\n"),
+            log("reset-early", "[ 0.1] ACPI\ntapir: error: vCPU 0 stopped: guest triple fault (KVM_EXIT_SHUTDOWN) at RIP 0xfff0\n"),
+        ];
+        let job = stall_watchdog_script(&guests, 600, 1, "echo STOPPED");
+        let out = std::process::Command::new("bash").arg("-c").arg(format!("{job}\nwait")).output().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(stdout, "TAPIR-SCENARIO-CRASHED-BEFORE-INIT=reset-early\nSTOPPED\n");
+        assert_eq!(
+            emulator_failure(&stdout).as_deref(),
+            Some("guest reset-early triple-faulted while its kernel booted, before its init ran")
+        );
+    }
 
     #[test]
     fn newc_archive_layout() {

