@@ -21,6 +21,18 @@ pub(crate) const READY_MARKER: &str = "TAPIR-RUNNER-READY";
 pub(crate) const STATUS_MARKER: &str = "TAPIR-RUNNER-STATUS=";
 /// After the status marker the outer VM only syncs and powers off.
 const POWEROFF_GRACE: Duration = Duration::from_secs(15);
+/// What the outer kernel prints when it dies. Under TCG-emulated SVM it sometimes takes an
+/// interrupt between #VMEXIT and the VMLOAD of its own state (GIF is meant to hold it off),
+/// runs the handler on the guest's GS base and faults: "general protection fault" or
+/// "stack guard page", then "Kernel panic", or it hangs after the oops. Hardware never
+/// does this.
+pub(crate) const OUTER_KERNEL_CRASH: [&str; 4] =
+    ["Kernel panic - not syncing", "BUG: ", "general protection fault", "stack guard page"];
+
+/// The first crash signature on the outer VM's console, if any.
+pub(crate) fn outer_kernel_crash(console: &str) -> Option<&'static str> {
+    OUTER_KERNEL_CRASH.iter().copied().find(|sign| console.contains(sign))
+}
 const QEMU: &str = "qemu-system-x86_64";
 /// The environment a script starts with, in both modes (the outer VM's init sets the same).
 const SCRIPT_ENV: [(&str, &str); 4] = [
@@ -344,7 +356,12 @@ fn run_nested(
             "-virtfs",
             "local,path=/,mount_tag=host,security_model=passthrough,id=host0,multidevs=remap",
         ]);
-    let done = |output: &[u8]| find_status(&String::from_utf8_lossy(output)).is_some();
+    // A crashed outer kernel may hang instead of powering off; its run is over either way
+    // (the grace period still collects the oops).
+    let done = |output: &[u8]| {
+        let console = String::from_utf8_lossy(output);
+        find_status(&console).is_some() || outer_kernel_crash(&console).is_some()
+    };
     let capture = run_captured(command, timeout, &done, POWEROFF_GRACE).map_err(|source| {
         RunnerError::Io {
             what: format!("running {QEMU}"),

@@ -4,9 +4,11 @@
 //! file the test reads after the run.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::runner::outer_kernel_crash;
 use crate::{guest_images, runner_dir, tapir_binary, GuestImages, Mode, RunOutcome, Runner, RunnerError};
 
 /// Kernel parameters every nested-runner guest needs. QEMU's TCG emulation of SVM does
@@ -33,12 +35,6 @@ const NESTED_ATTEMPTS: u32 = 5;
 /// In nested mode, a guest that has not reached its init by then is taken as stalled by
 /// the emulator. Concurrent guests reach init within about 30 s there.
 const NESTED_BOOT_DEADLINE_SECS: u32 = 180;
-/// What the outer kernel prints when it dies. Under TCG-emulated SVM it sometimes takes an
-/// interrupt between #VMEXIT and the VMLOAD of its own state (GIF is meant to hold it off),
-/// runs the handler on the guest's GS base and faults: "general protection fault" or
-/// "stack guard page", then "Kernel panic". Hardware never does this.
-const OUTER_KERNEL_CRASH: [&str; 4] =
-    ["Kernel panic - not syncing", "BUG: ", "general protection fault", "stack guard page"];
 const STALL_MARKER: &str = "TAPIR-SCENARIO-STALLED=";
 const EARLY_CRASH_MARKER: &str = "TAPIR-SCENARIO-CRASHED-BEFORE-INIT=";
 /// tapir's log line for a guest triple fault.
@@ -51,7 +47,7 @@ const GUEST_READY_MARKER: &str = "TAPIR-GUEST-READY";
 /// the same kernel boots alone there every time, and on hardware KVM. `console` is the outer
 /// VM's console, or its tail from the runner's error.
 pub(crate) fn emulator_failure(console: &str) -> Option<String> {
-    if let Some(sign) = OUTER_KERNEL_CRASH.iter().find(|sign| console.contains(**sign)) {
+    if let Some(sign) = outer_kernel_crash(console) {
         return Some(format!("the outer kernel crashed ({sign:?} on its console)"));
     }
     console.lines().find_map(|line| {
@@ -266,7 +262,10 @@ impl Scenario {
             };
             match failure {
                 Some(reason) if self.mode == Mode::Nested && attempt < attempts => {
-                    eprintln!(
+                    // Straight to stderr, past the test harness's capture: a retry must show
+                    // in the CI log even when the test then passes.
+                    let _ = writeln!(
+                        std::io::stderr(),
                         "scenario {}: attempt {attempt} of {attempts} broke in the emulated nested runner: {reason}; running it again",
                         self.name
                     );

@@ -111,7 +111,7 @@ ip -n {NETNS} link set br0 up
 {wait}
 "#
     );
-    let out = scenario.run(&script, Duration::from_secs(480)).expect("runner");
+    let out = scenario.run(&script, Duration::from_secs(360)).expect("runner");
     let dump = out.dump();
     out.outcome.assert_status(0);
     assert!(out.outcome.output.contains("BRIDGE-PORTS-UP=2"), "both taps are attached and up\n{dump}");

@@ -81,7 +81,7 @@ kill $H
         helper = helper.display(),
         tapir = s.tapir_command("nat", ""),
     );
-    let out = s.run(&script, Duration::from_secs(600)).expect("runner");
+    let out = s.run(&script, Duration::from_secs(300)).expect("runner");
     let dump = out.dump();
     out.outcome.assert_status(0);
     let log = out.log("nat");
