@@ -172,6 +172,7 @@ fn virtio_net_guests_on_a_bridge_ping_and_transfer_intact() {
 }
 
 #[test]
+#[ignore = "open (issue 4): in the nested runner a guest of this pair triple-faulted mid-transfer, after its init; not yet known whether tapir's e1000 or the emulator is at fault. Run with `cargo test -- --ignored`"]
 fn e1000_guests_on_a_bridge_ping_and_transfer_intact() {
     let mut s = Scenario::new("bridge-e1000").expect("scenario");
     let e1000_only = r#"[{"model": "e1000", "backend": {"type": "tap", "bridge": "br0"}}]"#.to_string();
