@@ -18,7 +18,7 @@ use crate::pci::{
 };
 
 use super::itr_timer::ItrTimer;
-use super::registers::{IOADDR, IODATA, IO_SIZE, MMIO_SIZE};
+use super::registers::{may_take_rings_away, IOADDR, IODATA, IO_SIZE, MMIO_SIZE};
 use super::state::State;
 use super::worker::{Shared, Worker};
 
@@ -80,6 +80,7 @@ impl E1000 {
             state: Mutex::new(state),
             kick: EventFd::new(EFD_NONBLOCK).map_err(E1000Error::EventFd)?,
             stop: AtomicBool::new(false),
+            dma: Mutex::new(()),
         });
         let worker = Worker::new(shared.clone(), backend, mem);
         let handle = std::thread::Builder::new()
@@ -145,6 +146,7 @@ impl E1000 {
     /// trigger read side effects).
     fn mmio_write(&mut self, offset: u64, data: &[u8]) {
         let mut wake = false;
+        let mut rings_taken = false;
         {
             let mut state = self.shared.lock();
             let mut done = 0;
@@ -157,9 +159,14 @@ impl E1000 {
                 bytes[skip..skip + take].copy_from_slice(&data[done..done + take]);
                 if reg < MMIO_SIZE {
                     wake |= state.write(reg as u32, u32::from_le_bytes(bytes));
+                    rings_taken |= may_take_rings_away(reg as u32);
                 }
                 done += take;
             }
+        }
+        // After the state lock is released, so the worker can finish its packet.
+        if rings_taken {
+            self.shared.wait_for_dma();
         }
         if wake {
             self.shared.wake();
@@ -273,6 +280,8 @@ impl PciDevice for E1000 {
                 command & PCI_COMMAND_INTX_DISABLE != 0,
                 command & PCI_COMMAND_MASTER != 0,
             );
+            // Clearing bus mastering stops DMA; make that true before the write returns.
+            self.shared.wait_for_dma();
             self.shared.wake();
         }
     }

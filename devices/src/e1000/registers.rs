@@ -249,6 +249,15 @@ pub fn classify(offset: u32) -> Option<RegKind> {
     Some(kind)
 }
 
+/// Writes that can disable, reset or move a descriptor ring. A tail write only hands
+/// the device more descriptors, so the hot path (RDT/TDT) is not among them.
+pub fn may_take_rings_away(offset: u32) -> bool {
+    matches!(
+        offset,
+        CTRL | RCTL | TCTL | RDBAL | RDBAH | RDLEN | RDH | TDBAL | TDBAH | TDLEN | TDH
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! Device tests: the simulated Linux driver probes and opens the NIC, then frames go
 //! both ways through a loopback backend. Hostile-guest cases follow.
 
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use tapir_net::backend::{Offloads, VnetHdr};
@@ -877,6 +878,93 @@ fn reset_during_traffic_is_safe() {
     d.open();
     let eop = d.xmit(&broadcast_frame(60, 1), TxOffload::None);
     d.wait_tx_done(eop);
+}
+
+/// Runs `write` on another thread while the test holds the worker's DMA gate, as a
+/// worker preempted mid-copy would; reports whether the write returned before the gate
+/// was released.
+fn returns_during_dma(d: &mut TestDriver, write: impl FnOnce(&mut TestDriver) + Send) -> bool {
+    let shared = Arc::clone(d.dev.shared());
+    let gate = shared.dma_gate();
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            write(d);
+            let _ = done_tx.send(());
+        });
+        let returned = done_rx.recv_timeout(Duration::from_millis(300)).is_ok();
+        drop(gate);
+        returned
+    })
+}
+
+#[test]
+fn writes_that_take_rings_away_wait_for_in_flight_dma() {
+    let mut d = TestDriver::opened(Offloads::NONE);
+    let rctl = d.er32(RCTL);
+    assert!(
+        !returns_during_dma(&mut d, |d| d.ew32(RCTL, rctl & !RCTL_EN)),
+        "RCTL"
+    );
+    let tctl = d.er32(TCTL);
+    assert!(
+        !returns_during_dma(&mut d, |d| d.ew32(TCTL, tctl & !TCTL_EN)),
+        "TCTL"
+    );
+    assert!(
+        !returns_during_dma(&mut d, |d| d.ew32(RDBAL, 0x3000)),
+        "RDBAL"
+    );
+    assert!(
+        !returns_during_dma(&mut d, |d| d.ew32(CTRL, CTRL_RST)),
+        "reset"
+    );
+    let bus_master_off = |d: &mut TestDriver| {
+        d.dev
+            .config_write(PCI_COMMAND, &PCI_COMMAND_MEMORY.to_le_bytes());
+    };
+    assert!(
+        !returns_during_dma(&mut d, bus_master_off),
+        "bus master off"
+    );
+
+    // The per-packet doorbells and interrupt registers never wait on the data path.
+    let mut d = TestDriver::opened(Offloads::NONE);
+    assert!(returns_during_dma(&mut d, |d| d.ew32(RDT, 3)), "RDT");
+    assert!(returns_during_dma(&mut d, |d| d.ew32(TDT, 0)), "TDT");
+    assert!(returns_during_dma(&mut d, |d| d.ew32(IMS, ICR_RXT0)), "IMS");
+    assert!(
+        returns_during_dma(&mut d, |d| {
+            d.er32(ICR);
+        }),
+        "ICR read"
+    );
+}
+
+#[test]
+fn the_worker_touches_guest_memory_only_while_holding_the_dma_gate() {
+    let mut d = TestDriver::opened(Offloads::NONE);
+    let shared = Arc::clone(d.dev.shared());
+    let gate = shared.dma_gate();
+    d.backend
+        .inject(VnetHdr::default(), &broadcast_frame(300, 1));
+    let frame = broadcast_frame(200, 2);
+    let eop = d.queue_frame(&frame, TxOffload::None, 4096, None);
+    d.ew32(TDT, d.tx_next);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        d.rx_descriptor(d.rx_next)[12] & 1,
+        0,
+        "receive DMA without the gate"
+    );
+    assert_eq!(
+        d.tx_status(eop) & 1,
+        0,
+        "transmit status written without the gate"
+    );
+    drop(gate);
+    d.wait_tx_done(eop);
+    assert_eq!(d.receive().data[..300], broadcast_frame(300, 1)[..]);
 }
 
 #[test]

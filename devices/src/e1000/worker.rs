@@ -29,6 +29,12 @@ pub struct Shared {
     pub state: Mutex<State>,
     pub kick: EventFd,
     pub stop: AtomicBool,
+    /// Held by the worker from the moment it reads the ring registers until its last
+    /// guest-memory write for that packet. The driver frees ring buffers right after
+    /// it disables or resets the device (e1000_down sleeps only 10 ms first), so a
+    /// register write that takes the rings away must wait here: otherwise a worker
+    /// preempted mid-copy would write into memory the guest already reused.
+    pub dma: Mutex<()>,
 }
 
 impl Shared {
@@ -37,6 +43,17 @@ impl Shared {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn dma_gate(&self) -> MutexGuard<'_, ()> {
+        self.dma
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Returns once no DMA that started before the caller's register write is in flight.
+    pub fn wait_for_dma(&self) {
+        drop(self.dma_gate());
     }
 
     pub fn wake(&self) {
@@ -219,7 +236,9 @@ impl Worker {
     /// Processes transmit descriptors; returns true if work remains beyond the budget.
     fn process_tx(&mut self) -> bool {
         let mut budget = TX_BUDGET;
+        let shared = Arc::clone(&self.shared);
         loop {
+            let _dma = shared.dma_gate();
             let (ring, caps, vlan_enabled) = {
                 let mut state = self.shared.lock();
                 if state.reset_generation() != self.reset_seen {
@@ -618,6 +637,8 @@ impl Worker {
         let Some((hdr, len)) = self.pending else {
             return Delivery::Done;
         };
+        let shared = Arc::clone(&self.shared);
+        let _dma = shared.dma_gate();
         let frame = &mut self.rx_buf[..len];
         let trusted = match Self::complete_offloads(frame, &hdr) {
             Ok(t) => t,
