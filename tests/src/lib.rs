@@ -44,4 +44,4 @@ pub use binary::tapir_binary;
 pub use images::{guest_images, GuestImages};
 pub use paths::{repo_root, runner_dir};
 pub use runner::{Mode, RunOutcome, Runner, RunnerError};
-pub use scenario::{guest_cmdline_for, Scenario, ScenarioOutcome, NESTED_GUEST_CMDLINE};
+pub use scenario::{guest_cmdline_for, value_after, values_after, Scenario, ScenarioOutcome, NESTED_GUEST_CMDLINE};

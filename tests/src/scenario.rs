@@ -92,9 +92,19 @@ impl ScenarioOutcome {
 
     /// The exit status the outer script recorded for `vm` with `record_exit`.
     pub fn exit_status(&self, vm: &str) -> Option<i32> {
-        let key = format!("TAPIR-EXIT-{vm}=");
-        self.outcome.output.lines().find_map(|l| l.trim().strip_prefix(&key)?.trim().parse().ok())
+        value_after(&self.outcome.output, &format!("TAPIR-EXIT-{vm}="))?.trim().parse().ok()
     }
+}
+
+/// The rest of every log line that starts with `prefix` (leading blanks ignored), in
+/// order. Guest scripts and outer scripts report results as `KEY=value` lines.
+pub fn values_after<'a>(log: &'a str, prefix: &str) -> Vec<&'a str> {
+    log.lines().filter_map(|l| l.trim().strip_prefix(prefix)).collect()
+}
+
+/// The rest of the first log line that starts with `prefix`.
+pub fn value_after<'a>(log: &'a str, prefix: &str) -> Option<&'a str> {
+    log.lines().find_map(|l| l.trim().strip_prefix(prefix))
 }
 
 /// A cpio "newc" archive with one regular file, appended to the base initramfs: Linux
@@ -302,6 +312,14 @@ impl Scenario {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn result_lines_are_found_by_prefix_in_order() {
+        let log = "[ 1.0] noise\nDRIVER=e1000\n  DRIVER1=virtio_net\nDRIVER=again\nXDRIVER=no\n";
+        assert_eq!(values_after(log, "DRIVER="), vec!["e1000", "again"]);
+        assert_eq!(value_after(log, "DRIVER1="), Some("virtio_net"));
+        assert_eq!(value_after(log, "LEASE="), None);
+    }
 
     #[test]
     fn outer_kernel_crashes_and_stalled_guests_are_emulator_failures() {

@@ -15,18 +15,15 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use tapir_tests::{Scenario, ScenarioOutcome};
+use tapir_tests::{value_after, values_after as lines_with, Scenario, ScenarioOutcome};
 
 const NETNS: &str = "tapir-e2e-bridge";
 const BRIDGE_HOST: &str = "10.10.0.1";
 const PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
 
-fn lines_with<'a>(log: &'a str, prefix: &str) -> Vec<&'a str> {
-    log.lines().filter_map(|l| l.trim().strip_prefix(prefix)).collect()
-}
-
+/// Empty when the line is missing, so the assertions that follow name what was expected.
 fn value<'a>(log: &'a str, prefix: &str) -> &'a str {
-    lines_with(log, prefix).first().copied().unwrap_or_default()
+    value_after(log, prefix).unwrap_or_default()
 }
 
 /// Brings the bridge NIC (nics[0], which tapir puts at PCI 00:01.0; Linux may name it

@@ -7,11 +7,7 @@
 
 use std::time::Duration;
 
-use tapir_tests::{repo_root, Scenario};
-
-fn value<'a>(log: &'a str, key: &str) -> Option<&'a str> {
-    log.lines().find_map(|l| l.trim().strip_prefix(key))
-}
+use tapir_tests::{repo_root, value_after as value, Scenario};
 
 #[test]
 fn virtio_net_guest_on_user_nat_reaches_the_host_and_is_reached() {
