@@ -37,25 +37,56 @@ const NESTED_ATTEMPTS: u32 = 5;
 const NESTED_BOOT_DEADLINE_SECS: u32 = 180;
 const STALL_MARKER: &str = "TAPIR-SCENARIO-STALLED=";
 const EARLY_CRASH_MARKER: &str = "TAPIR-SCENARIO-CRASHED-BEFORE-INIT=";
+const LATE_CRASH_MARKER: &str = "TAPIR-SCENARIO-CRASHED-AFTER-INIT=";
 /// tapir's log line for a guest triple fault.
 const TRIPLE_FAULT: &str = "guest triple fault";
 const GUEST_READY_MARKER: &str = "TAPIR-GUEST-READY";
 
-/// Why a nested run failed for reasons outside tapir, if it did: the outer kernel crashed,
-/// or a guest never reached its init because it stalled or triple-faulted while its
-/// kernel booted. Both only happen with several guests at once in the emulated runner;
-/// the same kernel boots alone there every time, and on hardware KVM. `console` is the outer
-/// VM's console, or its tail from the runner's error.
-pub(crate) fn emulator_failure(console: &str) -> Option<String> {
+/// How the emulated nested runner broke a run.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Breakage {
+    /// The outer kernel oopsed or panicked (the signature seen on its console).
+    OuterKernel(String),
+    /// The guest never reached its init.
+    Stalled(String),
+    /// The guest triple-faulted while its kernel booted, before its init ran.
+    EarlyTripleFault(String),
+    /// The guest triple-faulted after its init had started.
+    LateTripleFault(String),
+}
+
+impl std::fmt::Display for Breakage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Breakage::OuterKernel(sign) => write!(f, "the outer kernel crashed ({sign:?} on its console)"),
+            Breakage::Stalled(vm) => {
+                write!(f, "guest {vm} did not reach its init within {NESTED_BOOT_DEADLINE_SECS} s")
+            }
+            Breakage::EarlyTripleFault(vm) => {
+                write!(f, "guest {vm} triple-faulted while its kernel booted, before its init ran")
+            }
+            Breakage::LateTripleFault(vm) => write!(f, "guest {vm} triple-faulted after its init had started"),
+        }
+    }
+}
+
+/// Why a nested run failed for reasons outside tapir, if it did. All of these happen
+/// only with several guests at once in the emulated runner, and QEMU's own nested
+/// guests suffer them there too (QEMU as the inner VMM, same kernel and e1000 pair:
+/// the outer kernel panicked, or a guest reset itself before its init, in 4 runs of 4).
+/// A triple fault after init could also be a device writing guest memory it does not
+/// own, so `Scenario::run` retries that one only once. `console` is the outer VM's
+/// console, or its tail from the runner's error.
+pub(crate) fn emulator_failure(console: &str) -> Option<Breakage> {
     if let Some(sign) = outer_kernel_crash(console) {
-        return Some(format!("the outer kernel crashed ({sign:?} on its console)"));
+        return Some(Breakage::OuterKernel(sign.to_string()));
     }
     console.lines().find_map(|line| {
-        if let Some((_, vm)) = line.split_once(STALL_MARKER) {
-            return Some(format!("guest {} did not reach its init within {NESTED_BOOT_DEADLINE_SECS} s", vm.trim()));
-        }
-        let (_, vm) = line.split_once(EARLY_CRASH_MARKER)?;
-        Some(format!("guest {} triple-faulted while its kernel booted, before its init ran", vm.trim()))
+        let named = |marker: &str| line.split_once(marker).map(|(_, vm)| vm.trim().to_string());
+        named(STALL_MARKER)
+            .map(Breakage::Stalled)
+            .or_else(|| named(EARLY_CRASH_MARKER).map(Breakage::EarlyTripleFault))
+            .or_else(|| named(LATE_CRASH_MARKER).map(Breakage::LateTripleFault))
     })
 }
 
@@ -141,8 +172,9 @@ fn shell_quote(p: &Path) -> String {
 
 /// The shell job behind `Scenario::stall_watchdog`: every `poll_secs`, for each guest
 /// (name, log path) whose log exists, starts its clock. When a log shows a triple fault
-/// before the ready marker, or `deadline_secs` have passed with neither the ready marker
-/// nor a tapir error in it, the job prints the matching marker, runs `stop` and ends.
+/// (before or after the ready marker), or `deadline_secs` have passed with neither the
+/// ready marker nor a tapir error in it, the job prints the matching marker, runs `stop`
+/// and ends.
 fn stall_watchdog_script(guests: &[(String, PathBuf)], deadline_secs: u32, poll_secs: u32, stop: &str) -> String {
     let names: Vec<&str> = guests.iter().map(|(vm, _)| vm.as_str()).collect();
     let logs: Vec<String> = guests.iter().map(|(_, log)| shell_quote(log)).collect();
@@ -152,8 +184,9 @@ fn stall_watchdog_script(guests: &[(String, PathBuf)], deadline_secs: u32, poll_
     for log in {logs}; do
       vm=$1; shift; i=$((i + 1))
       [ -e "$log" ] || continue
-      if grep -q '{TRIPLE_FAULT}' "$log" && ! grep -q {GUEST_READY_MARKER} "$log"; then
-        echo "{EARLY_CRASH_MARKER}$vm"; {stop}; exit 0
+      if grep -q '{TRIPLE_FAULT}' "$log"; then
+        if grep -q {GUEST_READY_MARKER} "$log"; then echo "{LATE_CRASH_MARKER}$vm"; else echo "{EARLY_CRASH_MARKER}$vm"; fi
+        {stop}; exit 0
       fi
       eval "started=\${{started_$i:-}}"
       [ -n "$started" ] || {{ eval "started_$i=$now"; continue; }}
@@ -241,6 +274,17 @@ impl Scenario {
         format!("wait ${pidvar}; echo TAPIR-EXIT-{vm}=$?\n")
     }
 
+    /// Shell lines that wait until guest `vm` (pid in `$pidvar`) has printed its init's
+    /// ready marker, has exited, or `secs` have passed. Starting the next guest only then
+    /// keeps two kernels from booting at once, which is when the emulated runner breaks
+    /// guests most (see `emulator_failure`).
+    pub fn wait_until_ready(&self, vm: &str, pidvar: &str, secs: u32) -> String {
+        format!(
+            "i=0; until grep -q {GUEST_READY_MARKER} {log} 2>/dev/null || ! kill -0 ${pidvar} 2>/dev/null; do i=$((i+1)); [ $i -gt {secs} ] && break; sleep 1; done\n",
+            log = shell_quote(&self.log_path(vm)),
+        )
+    }
+
     pub fn tapir_path(&self) -> &Path {
         &self.tapir
     }
@@ -260,6 +304,7 @@ impl Scenario {
             Mode::Nested => (format!("{}\n{script}", self.stall_watchdog()), NESTED_ATTEMPTS),
         };
         let mut attempt = 1;
+        let mut late_triple_faults = 0;
         loop {
             for vm in &self.guests {
                 let _ = std::fs::remove_file(self.log_path(vm));
@@ -270,8 +315,11 @@ impl Scenario {
                 Err(RunnerError::Timeout { tail, .. } | RunnerError::NoStatus { tail, .. }) => emulator_failure(tail),
                 Err(_) => None,
             };
+            if let Some(Breakage::LateTripleFault(_)) = failure {
+                late_triple_faults += 1;
+            }
             match failure {
-                Some(reason) if self.mode == Mode::Nested && attempt < attempts => {
+                Some(reason) if self.mode == Mode::Nested && attempt < attempts && late_triple_faults < 2 => {
                     // Straight to stderr, past the test harness's capture: a retry must show
                     // in the CI log even when the test then passes.
                     let _ = writeln!(
@@ -324,9 +372,9 @@ mod tests {
     #[test]
     fn outer_kernel_crashes_and_stalled_guests_are_emulator_failures() {
         let crash = "[  134.6] BUG: TASK stack guard page was hit at 00000000\n[  134.7] Kernel panic - not syncing: Fatal exception";
-        assert!(emulator_failure(crash).is_some_and(|r| r.contains("outer kernel crashed")));
+        assert!(matches!(emulator_failure(crash), Some(Breakage::OuterKernel(_))));
         let stalled = "TAPIR-RUNNER-READY\nTAPIR-SCENARIO-STALLED=beta\nTAPIR-EXIT-beta=143\n";
-        assert_eq!(emulator_failure(stalled).as_deref(), Some("guest beta did not reach its init within 180 s"));
+        assert_eq!(emulator_failure(stalled), Some(Breakage::Stalled("beta".into())));
         // A guest's own failure is tapir's to answer for, not the emulator's.
         let guest_failed = "TAPIR-RUNNER-READY\nTAPIR-EXIT-alpha=7\nTAPIR-RUNNER-STATUS=1\n";
         assert_eq!(emulator_failure(guest_failed), None);
@@ -356,21 +404,26 @@ mod tests {
             "stderr: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(emulator_failure(&stdout).as_deref(), Some("guest stalled did not reach its init within 180 s"));
+        assert_eq!(emulator_failure(&stdout), Some(Breakage::Stalled("stalled".into())));
+        assert_eq!(emulator_failure(&stdout).unwrap().to_string(), "guest stalled did not reach its init within 180 s");
 
-        // A triple fault before init counts at once; one after init is the test's to judge.
-        let guests = [
-            log("reset-later", "TAPIR-GUEST-READY\ntapir: error: vCPU 0 stopped: guest triple fault (KVM_EXIT_SHUTDOWN) at RIP 0xfff0\n"),
-            log("reset-early", "[ 0.1] ACPI\ntapir: error: vCPU 0 stopped: guest triple fault (KVM_EXIT_SHUTDOWN) at RIP 0xfff0\n"),
-        ];
-        let job = stall_watchdog_script(&guests, 600, 1, "echo STOPPED");
-        let out = std::process::Command::new("bash").arg("-c").arg(format!("{job}\nwait")).output().unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        // A triple fault counts at once, and the watchdog tells before init from after.
+        let fault = "tapir: error: vCPU 0 stopped: guest triple fault (KVM_EXIT_SHUTDOWN) at RIP 0xfff0\n";
+        let watch = |guests: &[(String, PathBuf)]| {
+            let job = stall_watchdog_script(guests, 600, 1, "echo STOPPED");
+            let out = std::process::Command::new("bash").arg("-c").arg(format!("{job}\nwait")).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let stdout = watch(&[log("fine", "TAPIR-GUEST-READY\n"), log("reset-early", &format!("[ 0.1] ACPI\n{fault}"))]);
         assert_eq!(stdout, "TAPIR-SCENARIO-CRASHED-BEFORE-INIT=reset-early\nSTOPPED\n");
+        assert_eq!(emulator_failure(&stdout), Some(Breakage::EarlyTripleFault("reset-early".into())));
+        let stdout =
+            watch(&[log("fine", "TAPIR-GUEST-READY\n"), log("reset-later", &format!("TAPIR-GUEST-READY\n{fault}"))]);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(stdout, "TAPIR-SCENARIO-CRASHED-AFTER-INIT=reset-later\nSTOPPED\n");
         assert_eq!(
-            emulator_failure(&stdout).as_deref(),
-            Some("guest reset-early triple-faulted while its kernel booted, before its init ran")
+            emulator_failure(&stdout).unwrap().to_string(),
+            "guest reset-later triple-faulted after its init had started"
         );
     }
 
