@@ -47,6 +47,8 @@ const GUEST_READY_MARKER: &str = "TAPIR-GUEST-READY";
 pub(crate) enum Breakage {
     /// The outer kernel oopsed or panicked (the signature seen on its console).
     OuterKernel(String),
+    /// The outer VM ended without its status line or any oops: it reset itself.
+    OuterVmEnded(String),
     /// The guest never reached its init.
     Stalled(String),
     /// The guest triple-faulted while its kernel booted, before its init ran.
@@ -59,6 +61,7 @@ impl std::fmt::Display for Breakage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Breakage::OuterKernel(sign) => write!(f, "the outer kernel crashed ({sign:?} on its console)"),
+            Breakage::OuterVmEnded(end) => write!(f, "the outer VM ended before the script did ({end})"),
             Breakage::Stalled(vm) => {
                 write!(f, "guest {vm} did not reach its init within {NESTED_BOOT_DEADLINE_SECS} s")
             }
@@ -70,13 +73,14 @@ impl std::fmt::Display for Breakage {
     }
 }
 
-/// Why a nested run failed for reasons outside tapir, if it did. All of these happen
-/// only with several guests at once in the emulated runner, and QEMU's own nested
-/// guests suffer them there too (QEMU as the inner VMM, same kernel and e1000 pair:
-/// the outer kernel panicked, or a guest reset itself before its init, in 4 runs of 4).
-/// A triple fault after init could also be a device writing guest memory it does not
-/// own, so `Scenario::run` retries that one only once. `console` is the outer VM's
-/// console, or its tail from the runner's error.
+/// Why a nested run failed for reasons outside tapir, if it did (an outer VM that ends
+/// without its status line is the other case; `Scenario::run` sees that one itself).
+/// QEMU's own nested guests suffer the same there: with QEMU as the inner VMM and the
+/// same kernel and e1000 pair booting at once, the outer kernel panicked or a guest
+/// reset itself before its init in 4 runs of 4; booting one after the other, 3 of 3
+/// passed. A triple fault after init could also be a device writing guest memory it
+/// does not own, so `Scenario::run` retries that one only once. `console` is the outer
+/// VM's console, or its tail from the runner's error.
 pub(crate) fn emulator_failure(console: &str) -> Option<Breakage> {
     if let Some(sign) = outer_kernel_crash(console) {
         return Some(Breakage::OuterKernel(sign.to_string()));
@@ -312,7 +316,10 @@ impl Scenario {
             let result = runner.run(&script, timeout);
             let failure = match &result {
                 Ok(outcome) => emulator_failure(&outcome.console),
-                Err(RunnerError::Timeout { tail, .. } | RunnerError::NoStatus { tail, .. }) => emulator_failure(tail),
+                Err(RunnerError::Timeout { tail, .. }) => emulator_failure(tail),
+                Err(RunnerError::NoStatus { tail, end }) => {
+                    emulator_failure(tail).or_else(|| Some(Breakage::OuterVmEnded(end.clone())))
+                }
                 Err(_) => None,
             };
             if let Some(Breakage::LateTripleFault(_)) = failure {
