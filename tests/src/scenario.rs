@@ -77,10 +77,11 @@ impl std::fmt::Display for Breakage {
 /// without its status line is the other case; `Scenario::run` sees that one itself).
 /// QEMU's own nested guests suffer the same there: with QEMU as the inner VMM and the
 /// same kernel and e1000 pair booting at once, the outer kernel panicked or a guest
-/// reset itself before its init in 4 runs of 4; booting one after the other, 3 of 3
-/// passed. A triple fault after init could also be a device writing guest memory it
-/// does not own, so `Scenario::run` retries that one only once. `console` is the outer
-/// VM's console, or its tail from the runner's error.
+/// reset itself before its init in 4 runs of 4; booted one after the other, all 5
+/// reached init, and 1 of their 5 e1000 transfers crashed the outer kernel. A triple
+/// fault after init could also be a device writing guest memory it does not own, so
+/// `Scenario::run` retries that one only once. `console` is the outer VM's console, or
+/// its tail from the runner's error.
 pub(crate) fn emulator_failure(console: &str) -> Option<Breakage> {
     if let Some(sign) = outer_kernel_crash(console) {
         return Some(Breakage::OuterKernel(sign.to_string()));
