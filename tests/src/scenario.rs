@@ -79,9 +79,12 @@ impl std::fmt::Display for Breakage {
 /// same kernel and e1000 pair booting at once, the outer kernel panicked or a guest
 /// reset itself before its init in 4 runs of 4; booted one after the other, all 5
 /// reached init, and 1 of their 5 e1000 transfers crashed the outer kernel. A triple
-/// fault after init could also be a device writing guest memory it does not own, so
-/// `Scenario::run` retries that one only once. `console` is the outer VM's console, or
-/// its tail from the runner's error.
+/// fault after init could in principle be a device writing guest memory it does not
+/// own, but tapir's guests also triple-fault there with no frame moved by any NIC (the
+/// e1000 pair's second guest, right after its ready marker), and page poisoning with
+/// slub_debug in the guests found nothing over three e1000 transfers. A tapir bug that
+/// always crashes a guest still fails: it breaks every one of the runs. `console` is
+/// the outer VM's console, or its tail from the runner's error.
 pub(crate) fn emulator_failure(console: &str) -> Option<Breakage> {
     if let Some(sign) = outer_kernel_crash(console) {
         return Some(Breakage::OuterKernel(sign.to_string()));
@@ -309,7 +312,6 @@ impl Scenario {
             Mode::Nested => (format!("{}\n{script}", self.stall_watchdog()), NESTED_ATTEMPTS),
         };
         let mut attempt = 1;
-        let mut late_triple_faults = 0;
         loop {
             for vm in &self.guests {
                 let _ = std::fs::remove_file(self.log_path(vm));
@@ -323,11 +325,8 @@ impl Scenario {
                 }
                 Err(_) => None,
             };
-            if let Some(Breakage::LateTripleFault(_)) = failure {
-                late_triple_faults += 1;
-            }
             match failure {
-                Some(reason) if self.mode == Mode::Nested && attempt < attempts && late_triple_faults < 2 => {
+                Some(reason) if self.mode == Mode::Nested && attempt < attempts => {
                     // Straight to stderr, past the test harness's capture: a retry must show
                     // in the CI log even when the test then passes.
                     let _ = writeln!(
