@@ -250,7 +250,8 @@ impl GuestTcp {
     pub fn read(&mut self, g: &mut Guest, n: usize) -> (Vec<u8>, bool) {
         let mut out = Vec::new();
         let mut fin = false;
-        let deadline = Instant::now() + WAIT;
+        // WAIT bounds a stall, not the whole transfer: a loaded machine moves bytes slowly.
+        let mut deadline = Instant::now() + WAIT;
         while out.len() < n && !fin && Instant::now() < deadline {
             for f in g.drain(20) {
                 let Some((_, _, dport, seq, _, flags, _, payload)) = tcp_of(&f) else { continue };
@@ -258,6 +259,7 @@ impl GuestTcp {
                     continue;
                 }
                 if seq == self.ack {
+                    deadline = Instant::now() + WAIT;
                     out.extend_from_slice(&payload);
                     self.ack = self.ack.wrapping_add(payload.len() as u32);
                     if flags & TCP_FIN != 0 {
