@@ -353,11 +353,11 @@ impl Scenario {
     }
 
     /// A background job for the outer VM. It starts each guest's clock when its log
-    /// appears (scenarios may start guests in phases). When a guest triple-faults before
-    /// its init's ready marker, or runs for the boot deadline without that marker and
-    /// without tapir having stopped it, the job names the guest and stops every tapir
-    /// process, so the run ends at once instead of at the timeout. The outer VM runs
-    /// nothing else, so stopping every tapir there is safe.
+    /// appears (scenarios may start guests in phases). When a guest triple-faults (before
+    /// or after its init's ready marker), or runs for the boot deadline without that
+    /// marker and without tapir having stopped it, the job names the guest and stops
+    /// every tapir process, so the run ends at once instead of at the timeout. The outer
+    /// VM runs nothing else, so stopping every tapir there is safe.
     fn stall_watchdog(&self) -> String {
         let guests: Vec<(String, PathBuf)> = self.guests.iter().map(|vm| (vm.clone(), self.log_path(vm))).collect();
         stall_watchdog_script(&guests, NESTED_BOOT_DEADLINE_SECS, 5, "pkill -x tapir")
