@@ -38,6 +38,7 @@ mod lock;
 mod paths;
 mod runner;
 mod scenario;
+pub mod stability;
 
 pub use base64::{base64_encode, guest_run_arg, KERNEL_CMDLINE_MAX};
 pub use binary::tapir_binary;

@@ -41,6 +41,8 @@ const LATE_CRASH_MARKER: &str = "TAPIR-SCENARIO-CRASHED-AFTER-INIT=";
 /// tapir's log line for a guest triple fault.
 const TRIPLE_FAULT: &str = "guest triple fault";
 const GUEST_READY_MARKER: &str = "TAPIR-GUEST-READY";
+/// tapir's default kernel command line (vmm/src/config.rs), which scenario configs keep.
+const SCENARIO_BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=noearly";
 
 /// How the emulated nested runner broke a run.
 #[derive(Debug, PartialEq, Eq)]
@@ -239,7 +241,7 @@ impl Scenario {
             initrd.push(0);
         }
         initrd.extend_from_slice(&newc_archive("etc/tapir/run", 0o100755, guest_script.as_bytes()));
-        let initrd_path = self.dir.join(format!("{vm}.initrd"));
+        let initrd_path = self.initrd_path(vm);
         std::fs::write(&initrd_path, initrd).map_err(io)?;
         let config = format!(
             r#"{{"name": "{vm}", "vcpus": {vcpus}, "memory_mib": 256, "kernel": "{kernel}", "initrd": "{initrd}",
@@ -297,8 +299,20 @@ impl Scenario {
         &self.tapir
     }
 
-    fn log_path(&self, vm: &str) -> PathBuf {
+    /// Where guest `vm`'s console (and tapir's messages about it) goes.
+    pub fn log_path(&self, vm: &str) -> PathBuf {
         self.dir.join(format!("{vm}.log"))
+    }
+
+    /// Guest `vm`'s initramfs: the shared image plus its `/etc/tapir/run`.
+    pub fn initrd_path(&self, vm: &str) -> PathBuf {
+        self.dir.join(format!("{vm}.initrd"))
+    }
+
+    /// The kernel command line tapir gives guest `vm` (its default plus the scenario's
+    /// `cmdline_append`), so another VMM can boot the same guest the same way.
+    pub fn guest_kernel_cmdline(&self) -> String {
+        format!("{SCENARIO_BASE_CMDLINE} quiet tapir.debug_exit {}", guest_cmdline_for(self.mode))
     }
 
     /// Runs `script`; `timeout` applies to each attempt. In nested mode, a run that the
