@@ -27,6 +27,8 @@ const RECEIVER_READY_SECS: u32 = 240;
 const RUN_TIMEOUT: Duration = Duration::from_secs(900);
 const STREAM_PORT: u16 = 7100;
 const EXIT_MARKER: &str = "STABILITY-EXIT-";
+/// Printed when the script kills a guest that outlived its peer by `PEER_GRACE_SECS`.
+const KILLED_MARKER: &str = "STABILITY-KILLED-";
 const READY_MARKER: &str = "TAPIR-GUEST-READY";
 const GUEST_STATUS_MARKER: &str = "TAPIR-GUEST-STATUS=";
 /// The status `timeout(1)` exits with when it had to kill the VMM.
@@ -97,19 +99,26 @@ pub enum GuestEnd {
     Stalled,
     /// The guest's init ran, then the guest stopped making progress until it was killed.
     Hung,
+    /// Still running `PEER_GRACE_SECS` after its peer ended, so the script killed it:
+    /// the peer's failure, not its own.
+    OutlivedPeer,
     /// Anything else: the guest's command failed, or the VMM refused to start.
     Failed(String),
 }
 
 impl GuestEnd {
-    /// Classifies a guest from its VMM's exit status and its console log.
-    pub fn classify(vmm: Vmm, status: Option<i32>, log: &str) -> GuestEnd {
+    /// Classifies a guest from its VMM's exit status, its console log, and whether the
+    /// script killed it after its peer ended.
+    pub fn classify(vmm: Vmm, status: Option<i32>, log: &str, killed: bool) -> GuestEnd {
         let ready = log.contains(READY_MARKER);
         if log.contains("guest triple fault") {
             return GuestEnd::TripleFault;
         }
         if ["Kernel panic", "Oops:", "BUG: ", "general protection fault"].iter().any(|sign| log.contains(sign)) {
             return GuestEnd::KernelCrash;
+        }
+        if killed {
+            return GuestEnd::OutlivedPeer;
         }
         let reported = value_after(log, GUEST_STATUS_MARKER).map(str::trim);
         match (status, reported) {
@@ -155,6 +164,8 @@ pub struct Tally {
     pub hangs: u32,
     pub outer_crashes: u32,
     pub outer_broke: u32,
+    /// Guests killed because they outlived a failed peer (not failures of their own).
+    pub outlived_peer: u32,
     pub other: u32,
 }
 
@@ -175,6 +186,7 @@ impl Tally {
                         GuestEnd::KernelCrash => self.kernel_crashes += 1,
                         GuestEnd::Stalled => self.stalls += 1,
                         GuestEnd::Hung => self.hangs += 1,
+                        GuestEnd::OutlivedPeer => self.outlived_peer += 1,
                         GuestEnd::Failed(_) => self.other += 1,
                     }
                 }
@@ -195,7 +207,7 @@ impl fmt::Display for Tally {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "runs={} transfers_completed={} guest_triple_faults={} guest_kernel_crashes={} guest_stalls={} guest_hangs={} outer_kernel_crashes={} outer_vm_broke={} other={} failure_rate={:.2}",
+            "runs={} transfers_completed={} guest_triple_faults={} guest_kernel_crashes={} guest_stalls={} guest_hangs={} outer_kernel_crashes={} outer_vm_broke={} outlived_peer={} other={} failure_rate={:.2}",
             self.runs,
             self.transfers,
             self.triple_faults,
@@ -204,6 +216,7 @@ impl fmt::Display for Tally {
             self.hangs,
             self.outer_crashes,
             self.outer_broke,
+            self.outlived_peer,
             self.other,
             self.failure_rate()
         )
@@ -318,7 +331,15 @@ timeout {GUEST_TIMEOUT_SECS} {receiver} & R=$!
 i=0; until grep -q {READY_MARKER} {receiver_log} 2>/dev/null || ! kill -0 $R 2>/dev/null; do i=$((i+1)); [ $i -gt {RECEIVER_READY_SECS} ] && break; sleep 1; done
 timeout {GUEST_TIMEOUT_SECS} {sender} & S=$!
 while kill -0 $R 2>/dev/null && kill -0 $S 2>/dev/null; do sleep 1; done
-i=0; while kill -0 $R 2>/dev/null || kill -0 $S 2>/dev/null; do i=$((i+1)); [ $i -gt {PEER_GRACE_SECS} ] && {{ kill $R $S 2>/dev/null; break; }}; sleep 1; done
+i=0; while kill -0 $R 2>/dev/null || kill -0 $S 2>/dev/null; do
+  i=$((i+1))
+  if [ $i -gt {PEER_GRACE_SECS} ]; then
+    kill -0 $R 2>/dev/null && {{ echo {KILLED_MARKER}receiver; kill $R; }}
+    kill -0 $S 2>/dev/null && {{ echo {KILLED_MARKER}sender; kill $S; }}
+    break
+  fi
+  sleep 1
+done
 wait $R; echo {EXIT_MARKER}receiver=$?
 wait $S; echo {EXIT_MARKER}sender=$?
 "#
@@ -347,9 +368,10 @@ wait $S; echo {EXIT_MARKER}sender=$?
         let sent = value_after(&sender_log, "SENT=").map(str::trim);
         let got = value_after(&receiver_log, "GOT=").map(str::trim);
         let driver = format!("DRIVER={}", self.model.linux_driver());
+        let killed = |vm: &str| outcome.output.lines().any(|line| line.trim() == format!("{KILLED_MARKER}{vm}"));
         RunResult::Finished {
-            receiver: GuestEnd::classify(self.vmm, status("receiver"), &receiver_log),
-            sender: GuestEnd::classify(self.vmm, status("sender"), &sender_log),
+            receiver: GuestEnd::classify(self.vmm, status("receiver"), &receiver_log, killed("receiver")),
+            sender: GuestEnd::classify(self.vmm, status("sender"), &sender_log, killed("sender")),
             transferred: sent.is_some_and(|s| s.ends_with(&format!(" {PAYLOAD_BYTES}"))) && sent == got,
             driver_ok: receiver_log.contains(&driver) && sender_log.contains(&driver),
         }
@@ -395,19 +417,22 @@ mod tests {
 
     #[test]
     fn guests_are_classified_from_status_and_console() {
-        assert_eq!(GuestEnd::classify(Vmm::Tapir, Some(1), DONE), GuestEnd::Completed);
-        assert_eq!(GuestEnd::classify(Vmm::Qemu, Some(1), DONE), GuestEnd::Completed);
+        assert_eq!(GuestEnd::classify(Vmm::Tapir, Some(1), DONE, false), GuestEnd::Completed);
+        assert_eq!(GuestEnd::classify(Vmm::Qemu, Some(1), DONE, false), GuestEnd::Completed);
         let fault = "TAPIR-GUEST-READY\ntapir: error: vCPU 0 stopped: guest triple fault (KVM_EXIT_SHUTDOWN) at RIP 0xfff0\n";
-        assert_eq!(GuestEnd::classify(Vmm::Tapir, Some(6), fault), GuestEnd::TripleFault);
+        assert_eq!(GuestEnd::classify(Vmm::Tapir, Some(6), fault, false), GuestEnd::TripleFault);
         // QEMU with -no-reboot exits 0 on a reset: one the guest did not ask for.
-        assert_eq!(GuestEnd::classify(Vmm::Qemu, Some(0), "TAPIR-GUEST-READY\n"), GuestEnd::TripleFault);
-        assert!(matches!(GuestEnd::classify(Vmm::Tapir, Some(0), "TAPIR-GUEST-READY\n"), GuestEnd::Failed(_)));
+        assert_eq!(GuestEnd::classify(Vmm::Qemu, Some(0), "TAPIR-GUEST-READY\n", false), GuestEnd::TripleFault);
+        // The same exit after the script killed it (QEMU exits 0 on SIGTERM) is its peer's doing.
+        let killed = "TAPIR-GUEST-READY\nqemu-system-x86_64: terminating on signal 15 from pid 124 (timeout)\n";
+        assert_eq!(GuestEnd::classify(Vmm::Qemu, Some(0), killed, true), GuestEnd::OutlivedPeer);
+        assert!(matches!(GuestEnd::classify(Vmm::Tapir, Some(0), "TAPIR-GUEST-READY\n", false), GuestEnd::Failed(_)));
         let panic = "TAPIR-GUEST-READY\n[ 9.1] Kernel panic - not syncing: Fatal exception\n";
-        assert_eq!(GuestEnd::classify(Vmm::Qemu, Some(0), panic), GuestEnd::KernelCrash);
-        assert_eq!(GuestEnd::classify(Vmm::Tapir, Some(TIMED_OUT), "[ 0.5] booting\n"), GuestEnd::Stalled);
-        assert_eq!(GuestEnd::classify(Vmm::Tapir, Some(TIMED_OUT), "TAPIR-GUEST-READY\n"), GuestEnd::Hung);
-        assert_eq!(GuestEnd::classify(Vmm::Qemu, Some(143), "TAPIR-GUEST-READY\n"), GuestEnd::Hung);
-        let failed = GuestEnd::classify(Vmm::Tapir, Some(7), "TAPIR-GUEST-READY\nTAPIR-GUEST-STATUS=3\n");
+        assert_eq!(GuestEnd::classify(Vmm::Qemu, Some(0), panic, true), GuestEnd::KernelCrash);
+        assert_eq!(GuestEnd::classify(Vmm::Tapir, Some(TIMED_OUT), "[ 0.5] booting\n", false), GuestEnd::Stalled);
+        assert_eq!(GuestEnd::classify(Vmm::Tapir, Some(TIMED_OUT), "TAPIR-GUEST-READY\n", false), GuestEnd::Hung);
+        assert_eq!(GuestEnd::classify(Vmm::Qemu, Some(143), "TAPIR-GUEST-READY\n", false), GuestEnd::Hung);
+        let failed = GuestEnd::classify(Vmm::Tapir, Some(7), "TAPIR-GUEST-READY\nTAPIR-GUEST-STATUS=3\n", false);
         assert_eq!(failed, GuestEnd::Failed("tapir exited 7, guest status 3".into()));
     }
 
